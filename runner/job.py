@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch.nn import functional as F
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from runner import artifact, batching
 from runner.data import Dataset, load_dataset
@@ -50,11 +51,13 @@ class FitResult:
     reports: dict[str, Any]
     best_step: int
     steps: int
+    best: float | None = None  # best value of the monitored val/* metric during training
 
 
 def execute(run: Run) -> float:
     """Run one job and return the objective (``cfg.objective.metric``) of the final model."""
     cfg = run.cfg
+    quiet_libraries()
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     accelerator = make_accelerator(cfg.hardware.device, cfg.precision.dtype, cfg.train.grad_accum)
     out = Path(cfg.output_dir)
@@ -118,15 +121,16 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
     evaluate(0, tuple(eval_loaders))  # the untrained model: the gain from training is visible in MLflow
     # Model selection looks at validation only: a test/* objective is monitored through its val/* twin.
     monitor = "val/" + cfg.objective.metric.split("/", 1)[1]
-    state = fit(model, ce_loss, train_loader, optimizer, scheduler, accelerator, train_cfg, evaluate, monitor,
-                cfg.objective.direction == Direction.maximize, tracker.log_metrics)
+    with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
+        state = fit(model, ce_loss, train_loader, optimizer, scheduler, accelerator, train_cfg, evaluate, monitor,
+                    cfg.objective.direction == Direction.maximize, tracker.log_metrics)
     metrics, reports = {}, {}
     for split, loader in eval_loaders.items():  # final model (the best one, with early stopping)
         logits, labels = predict(model, loader, accelerator)
         metrics.update(classification_metrics(logits, labels, split))
         reports[split] = class_report(logits, labels, data.label_names)
     tracker.log_metrics(metrics, state.step)
-    return FitResult(accelerator.unwrap_model(model), metrics, reports, state.best_step, state.step)
+    return FitResult(accelerator.unwrap_model(model), metrics, reports, state.best_step, state.step, state.best)
 
 
 def ce_loss(model: TextModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -166,6 +170,14 @@ def check_objective(cfg: RunConfig, data: Dataset) -> None:
     known = [f"{s}/{m}" for s in splits for m in METRICS]
     if cfg.objective.metric not in known:
         raise RunnerError(f"objective.metric={cfg.objective.metric!r} is not a metric of this run; choose one of {known}")
+
+
+def quiet_libraries() -> None:
+    """No per-file progress bars from transformers: the run's own bar and log lines are the output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

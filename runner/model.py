@@ -39,15 +39,21 @@ def load_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     if cfg.random_init:
         options = dict(cfg.random_init)
         config = AutoConfig.for_model(options.pop("model_type"), vocab_size=vocab_size, **options)
-        return AutoModel.from_config(config)
-    if not cfg.name_or_path:
+        encoder = AutoModel.from_config(config)
+    elif not cfg.name_or_path:
         raise RunnerError("model.name_or_path must name a local folder or a hub id (or set model.random_init)")
-    try:
-        return AutoModel.from_pretrained(
-            cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
-        )
-    except OSError as err:
-        raise RunnerError(f"could not load the model '{cfg.name_or_path}': {first_line(err)}") from err
+    else:
+        try:
+            encoder = AutoModel.from_pretrained(
+                cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+            )
+        except OSError as err:
+            raise RunnerError(f"could not load the model '{cfg.name_or_path}': {first_line(err)}") from err
+    # BERT-style built-in poolers (dense + tanh on [CLS]) are unused: our pooling replaces them. Frozen,
+    # they get no optimizer state and DDP does not wait for gradients that never come.
+    if isinstance(getattr(encoder, "pooler", None), nn.Module):
+        encoder.pooler.requires_grad_(False)
+    return encoder
 
 
 def first_line(err: Exception) -> str:
@@ -65,6 +71,12 @@ class TextModel(nn.Module):
         self, encoder: nn.Module, pooling: Pooling, num_outputs: int, dropout: float = 0.1, frozen_encoder: bool = False
     ) -> None:
         super().__init__()
+        available = encoder.config.num_hidden_layers + 1  # hidden states: embeddings, then each layer
+        if any(not -available <= i < available for i in pooling.layers):
+            raise RunnerError(
+                f"pooling.layers={pooling.layers} but this encoder has {available} hidden states "
+                f"(embeddings + {available - 1} layers): use indices from {-available} to {available - 1}"
+            )
         self.encoder = encoder
         self.pooling = pooling
         self.frozen_encoder = frozen_encoder

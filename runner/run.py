@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner import schema  # noqa: F401  (registers the typed schemas and the ${pkg:} resolver)
 
 log = logging.getLogger("runner")
+TARGETS = ["runner.*"]  # what a config's _target_ may name (Hydra 1.4's execution whitelist)
 
 
 # conf/ sits beside the package (editable install); an absolute path works under ``python -m`` too.
@@ -50,8 +51,8 @@ def build_run(cfg: DictConfig, choices: dict[str, str]):
 
     return Run(
         cfg=OmegaConf.to_object(cfg),
-        make_pooling=instantiate(cfg.pooling, _partial_=True),
-        mode=instantiate(cfg.mode),
+        make_pooling=instantiate(cfg.pooling, _partial_=True, _execution_whitelist_=TARGETS),
+        mode=instantiate(cfg.mode, _execution_whitelist_=TARGETS),
         choices={k: str(v) for k, v in choices.items() if not k.startswith(("hydra", "schema"))},
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
     )

@@ -1,0 +1,121 @@
+"""Shared fixtures: offline mode, a generated tokenizer, tiny labelled data, the real composed config."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download fails loudly instead of hanging
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import csv
+import random
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+import runner.schema  # noqa: F401  (registers schemas and resolvers)
+from runner.run import CONF_DIR, build_run
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+POSITIVE = ["good", "great", "nice"]
+NEGATIVE = ["bad", "awful", "poor"]
+FILLER = ["the", "movie", "was", "very", "really", "quite", "plot", "and", "a", "story", "film", "acting"]
+
+
+def shared_data(*parts: str) -> Path:
+    """A file of ../shared/data, or skip: that folder exists beside CI and developer checkouts only."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: real-data tests need ../shared/data beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> str:
+    """A small WordPiece (BERT) tokenizer generated from the test vocabulary."""
+    from transformers import BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER, "neutral", "meh", "."]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder)
+    return str(folder)
+
+
+def make_sentences(n: int, seed: int, labels=("pos", "neg")) -> list[tuple[str, str]]:
+    """Sentences of random length whose label is given by one sentiment word in them."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        word = rng.choice(POSITIVE if label in ("pos", 1, "1") else NEGATIVE if label in ("neg", 0, "0") else ["neutral", "meh"])
+        filler = [rng.choice(FILLER) for _ in range(rng.randint(1, 12))]
+        filler.insert(rng.randint(0, len(filler)), word)
+        rows.append((" ".join(filler), label))
+    return rows
+
+
+def write_csv(path: Path, rows, header=("text", "label")) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def toy_data(tmp_path) -> dict[str, str]:
+    """Train (96 rows), validation (32) and test (32) CSVs of a learnable two-class task."""
+    return {
+        "train": str(write_csv(tmp_path / "train.csv", make_sentences(96, 0))),
+        "validation": str(write_csv(tmp_path / "dev.csv", make_sentences(32, 1))),
+        "test": str(write_csv(tmp_path / "test.csv", make_sentences(32, 2))),
+    }
+
+
+def compose_config(overrides: list[str], with_hydra: bool = False):
+    """The real config from conf/, composed with ``overrides``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, job_name="test"):
+        return compose("config", overrides=overrides, return_hydra_config=with_hydra)
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path, tokenizer_dir, toy_data) -> list[str]:
+    """Overrides for a fast, offline, fully local run of the tiny model on the toy data."""
+    return [
+        "model=tiny",
+        f"model.tokenizer={tokenizer_dir}",
+        "data=csv",
+        f"data.train={toy_data['train']}",
+        f"data.validation={toy_data['validation']}",
+        f"data.test={toy_data['test']}",
+        "hardware=cpu",
+        "precision=fp32",
+        "train.epochs=4",
+        "train.batch_size=16",
+        "train.progress=false",
+        f"output_dir={tmp_path / 'run'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.experiment=test",
+    ]
+
+
+@pytest.fixture
+def make_run(tiny_overrides):
+    """Build the typed Run for the tiny setup plus extra overrides, as ``python -m runner`` would."""
+
+    def build(*extra: str):
+        cfg = compose_config([*tiny_overrides, *extra], with_hydra=True)
+        choices = dict(cfg.hydra.runtime.choices)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return build_run(cfg, choices)
+
+    return build
