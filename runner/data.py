@@ -39,19 +39,23 @@ class TextSplit:
 @dataclass
 class Dataset:
     train: TextSplit
-    validation: TextSplit
+    validation: TextSplit | None  # None only when asked not to split one off (k-fold makes its own)
     test: TextSplit | None
     label_names: list  # id -> original label (str or int), saved with the model
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """Read, check and label-encode the configured splits; split validation off train if there is none."""
+def load_dataset(cfg: DataConfig, need_validation: bool = True) -> Dataset:
+    """Read, check and label-encode the configured splits.
+
+    Without a validation file, a stratified part of train becomes validation, unless ``need_validation``
+    is false (k-fold: the held-out folds validate, and a validation file is not read).
+    """
     if not cfg.train:
         raise DataError("data.train is not set: give a file path (data=csv data.train=path/to/train.csv)")
     train = read_split(cfg, "train")
     if cfg.max_train_samples:
         train = train.iloc[: cfg.max_train_samples]
-    validation = read_split(cfg, "validation") if cfg.validation else None
+    validation = read_split(cfg, "validation") if cfg.validation and need_validation else None
     test = read_split(cfg, "test") if cfg.test else None
 
     label_names = label_map(train[cfg.label_field])
@@ -59,10 +63,12 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         df[cfg.text_field].tolist(), encode_labels(df[cfg.label_field], label_names, split, cfg)
     )
     train_split = encode(train, "train")
-    if validation is None:
+    if validation is not None:
+        val_split = encode(validation, "validation")
+    elif need_validation:
         train_split, val_split = split_off_validation(train_split, cfg.validation_split, cfg.seed)
     else:
-        val_split = encode(validation, "validation")
+        val_split = None
     test_split = encode(test, "test") if test is not None else None
     return Dataset(train_split, val_split, test_split, label_names)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -18,6 +19,8 @@ from runner import schema  # noqa: F401  (registers the typed schemas and the ${
 
 log = logging.getLogger("runner")
 TARGETS = ["runner.*"]  # what a config's _target_ may name (Hydra 1.4's execution whitelist)
+# Hydra instantiates callbacks itself, without a whitelist; ours is trusted, so its warning is noise.
+warnings.filterwarnings("ignore", message=r"hydra\.utils\.instantiate\(\) resolved _target_='runner\.")
 
 
 # conf/ sits beside the package (editable install); an absolute path works under ``python -m`` too.
@@ -35,7 +38,10 @@ def main(cfg: DictConfig) -> float:
     try:
         from runner.job import execute
 
-        return execute(build_run(cfg, dict(hydra_cfg.runtime.choices)))
+        run = build_run(cfg, dict(hydra_cfg.runtime.choices))
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            attach_to_sweep(run, hydra_cfg)
+        return execute(run)
     except RunnerError as err:
         log.error("error: %s", err)
         if hydra_cfg.mode == RunMode.RUN:
@@ -47,15 +53,30 @@ def build_run(cfg: DictConfig, choices: dict[str, str]):
     """The typed run object: config dataclasses plus the components chosen by ``_target_``."""
     from hydra.utils import instantiate
 
+    from runner.errors import RunnerError
     from runner.job import Run
 
+    typed = OmegaConf.to_object(cfg)
+    problems = schema.check_values(typed)
+    if problems:
+        raise RunnerError("; ".join(problems))
     return Run(
-        cfg=OmegaConf.to_object(cfg),
+        cfg=typed,
         make_pooling=instantiate(cfg.pooling, _partial_=True, _execution_whitelist_=TARGETS),
         mode=instantiate(cfg.mode, _execution_whitelist_=TARGETS),
         choices={k: str(v) for k, v in choices.items() if not k.startswith(("hydra", "schema"))},
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
     )
+
+
+def attach_to_sweep(run, hydra_cfg) -> None:
+    """Make the job's MLflow run a child of its sweep's run, tagged with what this job overrides."""
+    from runner.sweep import sweep_parent
+
+    parent = sweep_parent(hydra_cfg.sweep.dir)
+    run.parent_run_id = parent.get("run_id")
+    run.tags = {"sweep_id": parent.get("sweep_id", str(hydra_cfg.sweep.dir)), "job_num": str(hydra_cfg.job.num),
+                "overrides": " ".join(hydra_cfg.overrides.task)}
 
 
 if __name__ == "__main__":

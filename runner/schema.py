@@ -38,6 +38,12 @@ class DataType(str, Enum):
     single = "single"
 
 
+class KeepModels(str, Enum):
+    all = "all"
+    best = "best"
+    none = "none"
+
+
 class Scheduler(str, Enum):
     linear = "linear"
     cosine = "cosine"
@@ -155,6 +161,18 @@ class TrainConfig:
 
 
 @dataclass
+class CVConfig:
+    """K-fold cross-validation inside one job (0 or 1 fold = off)."""
+
+    folds: int = 0
+    stratify: bool = True  # by class; by quantile bins for regression targets
+    bins: int = 10  # quantile bins for stratifying a regression target
+    seed: int = 42
+    only_fold: int | None = None  # run just this fold (0-based)
+    keep_models: KeepModels = KeepModels.best  # save every fold's model, the best fold's, or none
+
+
+@dataclass
 class ObjectiveConfig:
     metric: str = "val/accuracy"
     direction: Direction = Direction.maximize
@@ -179,10 +197,30 @@ class RunConfig:
     precision: PrecisionConfig = MISSING
     hardware: HardwareConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = MISSING  # the Hydra run folder, filled in by conf/config.yaml
     save_model: bool = True
+
+
+def check_values(cfg: RunConfig) -> list[str]:
+    """Range checks the type system cannot express; returns one message per bad key (empty if fine)."""
+    t = cfg.train
+    rules = [
+        ("train.lr", t.lr, t.lr > 0, "a positive number"),
+        ("train.head_lr", t.head_lr, t.head_lr is None or t.head_lr > 0, "a positive number or null"),
+        ("train.batch_size", t.batch_size, t.batch_size >= 1, "at least 1"),
+        ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, "at least 1"),
+        ("train.epochs", t.epochs, t.epochs >= 1 or t.max_steps > 0, "at least 1 (or set train.max_steps)"),
+        ("train.warmup_ratio", t.warmup_ratio, 0 <= t.warmup_ratio < 1, "in [0, 1)"),
+        ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "0 or more"),
+        ("train.head_dropout", t.head_dropout, 0 <= t.head_dropout < 1, "in [0, 1)"),
+        ("train.log_every", t.log_every, t.log_every >= 1, "at least 1"),
+        ("model.max_length", cfg.model.max_length, cfg.model.max_length >= 2, "at least 2"),
+        ("cv.folds", cfg.cv.folds, cfg.cv.folds >= 0, "0 (off) or at least 2"),
+    ]
+    return [f"{key}={value} must be {allowed}" for key, value, ok, allowed in rules if not ok]
 
 
 def package_path(package: str, relative: str = "") -> str:
@@ -210,6 +248,16 @@ def register() -> None:
     cs.store(group="schema/mode", name="head_only", node=HeadOnlyModeConfig)
     cs.store(group="schema/mode", name="full", node=FullModeConfig)
     cs.store(group="schema/mode", name="peft", node=PeftModeConfig)
+    try:  # hydra/sweeper=runner_optuna: the Optuna sweeper, resumable (runner/optuna_sweeper.py)
+        from hydra.core.plugins import Plugins
+        from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
+
+        from runner.optuna_sweeper import ResumableOptunaSweeper
+    except ImportError:
+        return
+    Plugins.instance().register(ResumableOptunaSweeper)  # plugins outside hydra_plugins/ register by hand
+    cs.store(group="hydra/sweeper", name="runner_optuna", provider="runner",
+             node=OptunaSweeperConf(_target_="runner.optuna_sweeper.ResumableOptunaSweeper"))
 
 
 register()

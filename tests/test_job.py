@@ -9,7 +9,7 @@ import mlflow
 import pytest
 import torch
 
-from runner import artifact, job
+from runner import artifact, experiment, job
 from runner.data import load_dataset
 from runner.hardware import make_accelerator
 from runner.model import load_tokenizer
@@ -31,13 +31,13 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> str:
     return str(folder)
 
 
-def train(run: job.Run) -> job.FitResult:
+def train(run: job.Run) -> experiment.FitResult:
     """fit_and_evaluate as execute calls it, without the MLflow run, returning the trained model."""
     cfg = run.cfg
     job.seed_everything(cfg.train.seed, False)
     accelerator = make_accelerator(cfg.hardware.device, cfg.precision.dtype, cfg.train.grad_accum)
     tracker = Tracker("unused", "unused", enabled=False)
-    return job.fit_and_evaluate(run, load_dataset(cfg.data), load_tokenizer(cfg.model), accelerator, tracker)
+    return experiment.fit_and_evaluate(run, load_dataset(cfg.data), load_tokenizer(cfg.model), accelerator, tracker)
 
 
 def saved(tiny_model_dir: str) -> dict[str, torch.Tensor]:
@@ -113,8 +113,7 @@ def test_diverging_loss_fails_with_a_clear_error(make_run):
 
 def read_run(uri: str):
     client = mlflow.MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("test")
-    runs = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     assert len(runs) == 1
     return client, runs[0]
 

@@ -1,0 +1,112 @@
+"""K-fold cross-validation inside one job, so one sweep trial is one whole CV and its objective the fold mean.
+
+Folds come from the training data (stratified by class, or by quantile bins of a regression target);
+each fold's held-out part is its validation set, and ``data.test``, if given, is scored by every fold's
+model. Every fold is a nested MLflow run tagged ``fold=i``; the job's run gets ``cv/<metric>_mean`` and
+``cv/<metric>_std`` for every metric and a per-fold table.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from runner.data import Dataset
+from runner.errors import RunnerError
+from runner.experiment import fit_and_evaluate
+from runner.schema import CVConfig, Direction, KeepModels
+from runner.tracking import Tracker
+
+log = logging.getLogger("runner")
+
+
+def make_folds(targets: np.ndarray, cfg: CVConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train indices, held-out indices) per fold.
+
+    Class ids are stratified directly: every fold holds floor or ceil of (class count / k) of each class.
+    Float targets (regression) are stratified by ``cfg.bins`` quantile bins.
+    """
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    k = cfg.folds
+    if k < 2 or k > len(targets):
+        raise RunnerError(f"cv.folds={k}: needs 2 <= folds <= the {len(targets)} training rows")
+    if not cfg.stratify:
+        splitter, groups = KFold(k, shuffle=True, random_state=cfg.seed), None
+    else:
+        groups = quantile_bins(targets, cfg.bins) if np.issubdtype(targets.dtype, np.floating) else targets
+        counts = np.bincount(groups)
+        if counts[counts > 0].min() < k:
+            raise RunnerError(
+                f"cv.folds={k} but a class has only {counts[counts > 0].min()} training rows: "
+                f"lower cv.folds, or set cv.stratify=false"
+            )
+        splitter = StratifiedKFold(k, shuffle=True, random_state=cfg.seed)
+    return list(splitter.split(np.zeros(len(targets)), groups))
+
+
+def quantile_bins(values: np.ndarray, bins: int) -> np.ndarray:
+    """Bin ids 0..bins-1 by quantiles, so each bin holds about the same number of rows."""
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]))
+    return np.digitize(values, edges)
+
+
+def aggregate(rows: list[dict[str, float]]) -> dict[str, float]:
+    """``cv/<metric>_mean`` and ``cv/<metric>_std`` (population std, as ``scores.std()``) per metric."""
+    out = {}
+    for name in rows[0]:
+        if name == "fold":
+            continue
+        values = np.array([r[name] for r in rows], dtype=float)
+        out[f"cv/{name}_mean"], out[f"cv/{name}_std"] = float(values.mean()), float(values.std())
+    return out
+
+
+def cross_validate(run, data: Dataset, tokenizer, accelerator, tracker: Tracker, out: Path) -> dict:
+    """Train and evaluate one model per fold; returns the job summary (objective = fold mean)."""
+    from runner.job import save
+
+    cfg = run.cfg
+    folds = make_folds(data.train.labels, cfg.cv)
+    chosen = range(cfg.cv.folds) if cfg.cv.only_fold is None else [cfg.cv.only_fold]
+    if cfg.cv.only_fold is not None and not 0 <= cfg.cv.only_fold < cfg.cv.folds:
+        raise RunnerError(f"cv.only_fold={cfg.cv.only_fold} must be in 0..{cfg.cv.folds - 1}")
+    sign = 1 if cfg.objective.direction == Direction.maximize else -1
+    rows, reports, best = [], {}, None
+    for i in chosen:
+        train_idx, held_idx = folds[i]
+        log.info("fold %d/%d: %d train, %d validation", i + 1, cfg.cv.folds, len(train_idx), len(held_idx))
+        fold_data = Dataset(data.train.subset(train_idx), data.train.subset(held_idx), data.test, data.label_names)
+        child = tracker.child(f"fold-{i}", tags={**run.choices, "fold": str(i)})
+        try:
+            result = fit_and_evaluate(run, fold_data, tokenizer, accelerator, child)
+        except BaseException:
+            child.finish("FAILED")
+            raise
+        child.finish("FINISHED")
+        rows.append({"fold": i, **result.metrics})
+        reports[f"fold-{i}"] = result.reports
+        value = result.metrics[cfg.objective.metric]
+        if accelerator.is_main_process and cfg.save_model:
+            if cfg.cv.keep_models == KeepModels.all:
+                save(run, result, tokenizer, data, out / "folds" / f"fold-{i}" / "model")
+            elif cfg.cv.keep_models == KeepModels.best and (best is None or sign * value > sign * best):
+                save(run, result, tokenizer, data, out / "model")  # overwritten by any better fold
+        best = value if best is None or sign * value > sign * best else best
+    stats = aggregate(rows)
+    tracker.log_metrics(stats)
+    write_fold_table(rows, out / "folds.csv")
+    tracker.log_artifact(out / "folds.csv")
+    metric = cfg.objective.metric
+    log.info("cv: %s", "  ".join(f"{n}={stats[f'cv/{n}_mean']:.4f}±{stats[f'cv/{n}_std']:.4f}"
+                                  for n in rows[0] if n != "fold" and n.startswith("val/")))
+    return {"objective": {"metric": f"cv/{metric}_mean", "value": stats[f"cv/{metric}_mean"]},
+            "metrics": stats, "folds": rows, "reports": reports}
+
+
+def write_fold_table(rows: list[dict], path: Path) -> None:
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(path, index=False)

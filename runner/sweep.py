@@ -1,0 +1,140 @@
+"""Sweeps in MLflow: one parent run per sweep, every job its child, a summary table best first.
+
+``MLflowSweepCallback`` is a Hydra callback (``conf/config.yaml`` lists it), active only under ``-m``:
+
+- before any job starts it creates the MLflow store once (concurrent first-time schema creation on
+  SQLite fails) and the sweep's parent run, and writes the parent's id into the sweep folder, where
+  every job (in this process, a joblib worker or a cluster node) finds it;
+- an Optuna sweep's parent is keyed by its study, so resuming the study reuses the same parent;
+- after every job, and at the end, ``summary.csv`` (overrides, status and objective per job, best
+  first) is rebuilt from MLflow and logged to the parent: a failed job shows as FAILED and the others
+  keep their results, whichever job failed and whether the sweep went on or stopped.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from runner.tracking import Tracker, default_uri, prepare_store
+
+log = logging.getLogger("runner")
+
+PARENT_FILE = "mlflow_sweep.json"  # {"run_id": parent run, "sweep_id": sweep key}, read by every job
+
+
+def sweep_key(config: DictConfig) -> str:
+    """What identifies a sweep across restarts: its Optuna study if it has one, else its folder."""
+    sweeper = config.hydra.sweeper
+    if "optuna" in str(sweeper.get("_target_", "")).lower() and sweeper.get("storage") and sweeper.get("study_name"):
+        return f"optuna:{sweeper.storage}:{sweeper.study_name}"
+    return str(Path(config.hydra.sweep.dir).resolve())
+
+
+def sweep_parent(sweep_dir: str | os.PathLike) -> dict[str, str]:
+    """The sweep's parent run id and key as the callback wrote them ({} if tracking is off)."""
+    path = Path(sweep_dir) / PARENT_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+class MLflowSweepCallback(Callback):
+    def __init__(self) -> None:
+        self.tracker: Tracker | None = None
+        self.finished = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import mlflow
+
+        if not config.tracking.enabled:
+            return
+        uri = config.tracking.uri or default_uri()
+        experiment_id = prepare_store(uri, config.tracking.experiment)
+        key, sweep_dir = sweep_key(config), Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        self.tracker = Tracker(uri, config.tracking.experiment)
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        found = client.search_runs([experiment_id], filter_string=f"tags.sweep_id = '{escape(key)}' and tags.role = 'sweep'",
+                                   max_results=1)
+        if found:  # a resumed Optuna study: same parent, back to RUNNING
+            self.tracker.client, self.tracker.run_id = client, found[0].info.run_id
+            client.update_run(self.tracker.run_id, status="RUNNING")
+            log.info("resuming sweep run %s (%s)", found[0].info.run_name, key)
+        else:
+            name = Path(config.hydra.sweeper.get("study_name") or sweep_dir.name).name
+            self.tracker.start(f"sweep-{name}", tags={"role": "sweep", "sweep_id": key, "sweep_dir": str(sweep_dir.resolve()),
+                                                      "objective": config.objective.metric})
+        (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": self.tracker.run_id, "sweep_id": key}))
+        atexit.register(self.close, "FAILED")  # the sweep raised or was interrupted before on_multirun_end
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        parent = sweep_parent(config.hydra.sweep.dir)
+        if parent and config.tracking.enabled:
+            write_summary(config, parent["run_id"])
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.tracker is None:
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        table = write_summary(config, self.tracker.run_id)
+        results = sweep_dir / "optimization_results.yaml"  # written by the Optuna sweeper
+        if results.exists():
+            self.tracker.log_artifact(results)
+            write_trials_table(config, sweep_dir / "trials.csv")
+            self.tracker.log_artifact(sweep_dir / "trials.csv")
+        if table is not None and len(table):
+            shown = table[["job", "status", "value", "cv_std", "overrides"]]
+            log.info("sweep summary (best first), %s:\n%s", sweep_dir / "summary.csv", shown.to_string(index=False))
+        self.close("FINISHED")
+
+    def close(self, status: str) -> None:
+        if self.tracker is not None and not self.finished:
+            self.finished = True
+            self.tracker.finish(status)
+
+
+def escape(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def write_summary(config: DictConfig, parent_id: str):
+    """summary.csv in the sweep folder and on the parent run: one row per job, best objective first."""
+    import mlflow
+    import pandas as pd
+
+    uri = config.tracking.uri or default_uri()
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    rows = []
+    for r in runs:
+        metric = r.data.tags.get("objective", config.objective.metric)
+        value = r.data.metrics.get(f"cv/{metric}_mean", r.data.metrics.get(metric))
+        rows.append({"job": r.data.tags.get("job_num", ""), "status": r.info.status, "objective": metric,
+                     "value": value, "cv_std": r.data.metrics.get(f"cv/{metric}_std"),
+                     "overrides": r.data.tags.get("overrides", ""), "run_name": r.info.run_name,
+                     "run_id": r.info.run_id, "output_dir": r.data.tags.get("output_dir", "")})
+    table = pd.DataFrame(rows, columns=["job", "status", "objective", "value", "cv_std", "overrides", "run_name",
+                                        "run_id", "output_dir"])
+    ascending = getattr(config.objective.direction, "value", config.objective.direction) == "minimize"
+    table = table.sort_values(["value"], ascending=ascending, na_position="last", kind="stable")
+    path = Path(config.hydra.sweep.dir) / "summary.csv"
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, path)  # atomic: parallel workers may rewrite it at the same time
+    client.log_artifact(parent_id, str(path))
+    return table
+
+
+def write_trials_table(config: DictConfig, path: Path) -> None:
+    import optuna
+
+    sweeper = config.hydra.sweeper
+    study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage)
+    study.trials_dataframe().to_csv(path, index=False)
