@@ -74,9 +74,14 @@ class MLflowSweepCallback(Callback):
         atexit.register(self.close, "FAILED")  # the sweep raised or was interrupted before on_multirun_end
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+
         parent = sweep_parent(config.hydra.sweep.dir)
-        if parent and config.tracking.enabled:
-            write_summary(config, parent["run_id"])
+        if not parent or not config.tracking.enabled:
+            return
+        if job_return.status == JobStatus.FAILED:
+            record_failure(config, parent, job_return)
+        write_summary(config, parent["run_id"])
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.tracker is None:
@@ -97,6 +102,26 @@ class MLflowSweepCallback(Callback):
         if self.tracker is not None and not self.finished:
             self.finished = True
             self.tracker.finish(status)
+
+
+def record_failure(config: DictConfig, parent: dict[str, str], job_return: Any) -> None:
+    """A job that failed before opening its MLflow run (a bad value, say) still gets a FAILED child run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=config.tracking.uri or default_uri())
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    job_num = str(config.hydra.job.num)
+    existing = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent['run_id']}' and tags.job_num = '{job_num}'",
+    )
+    if existing:  # the job's own run exists and already says FAILED
+        return
+    error = str(getattr(job_return, "_return_value", "") or "")[:5000]
+    run = client.create_run(experiment.experiment_id, run_name=f"job-{job_num}", tags={
+        "mlflow.parentRunId": parent["run_id"], "sweep_id": parent["sweep_id"], "job_num": job_num,
+        "overrides": " ".join(config.hydra.overrides.task), "error": error})
+    client.set_terminated(run.info.run_id, status="FAILED")
 
 
 def escape(value: str) -> str:

@@ -15,7 +15,7 @@ from runner.run import CONF_DIR
 from runner.schema import RunConfig
 from tests.conftest import ROOT, compose_config
 
-GROUPS = ["model", "pooling", "mode", "data", "precision", "hardware"]
+GROUPS = ["model", "pooling", "mode", "data", "precision", "hardware", "hparams_search"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONF_DIR) / g).glob("*.yaml"))]
 
 
@@ -28,7 +28,12 @@ def test_every_option_composes_into_the_typed_run(group, option):
     overrides = [f"{group}={option}", "output_dir=/tmp/x"]
     if (group, option) == ("data", "csv"):
         overrides.append("data.train=train.csv")
-    cfg = compose_config(overrides)
+    cfg = compose_config(overrides, with_hydra=group == "hparams_search")
+    if group == "hparams_search":  # a search preset: it configures the Optuna sweeper and the mode
+        assert cfg.hydra.sweeper._target_ == "runner.optuna_sweeper.ResumableOptunaSweeper"
+        storage = OmegaConf.to_container(cfg.hydra.sweeper, resolve=False)["storage"]
+        assert cfg.hydra.sweeper.params and storage == "sqlite:///${hydra:runtime.cwd}/outputs/optuna.db"
+        cfg = compose_config(overrides)
     run = OmegaConf.to_object(cfg)
     assert isinstance(run, RunConfig)
     assert OmegaConf.select(cfg, group) is not None

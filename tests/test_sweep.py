@@ -1,0 +1,162 @@
+"""Sweeps as a user runs them (subprocesses): grid and Optuna searches, failures, resume, MLflow hierarchy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.fixture
+def sweep(tmp_path, tokenizer_dir, toy_data):
+    """Run ``python -m runner -m ...`` on the tiny model and toy data, with everything under tmp_path."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def launch(*overrides: str, name: str = "sweep", expect_ok: bool = True) -> subprocess.CompletedProcess:
+        args = [
+            "-m", "model=tiny", f"model.tokenizer={tokenizer_dir}", "data=csv", f"data.train={toy_data['train']}",
+            f"data.validation={toy_data['validation']}", "hardware=cpu", "precision=fp32", "train.epochs=1",
+            "train.batch_size=16", "train.progress=false", f"tracking.uri={uri}", "tracking.experiment=test",
+            f"hydra.sweep.dir={tmp_path / name}", *overrides,
+        ]
+        out = subprocess.run([sys.executable, "-m", "runner", *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if expect_ok:
+            assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+        return out
+
+    launch.uri = uri
+    launch.dir = tmp_path
+    return launch
+
+
+def runs_of(uri: str):
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    return client, client.search_runs([client.get_experiment_by_name("test").experiment_id], max_results=1000)
+
+
+def tree(uri: str):
+    """(sweep parents, {parent id: children}, {child id: grandchildren})."""
+    _, runs = runs_of(uri)
+    kids: dict[str, list] = {}
+    for r in runs:
+        kids.setdefault(r.data.tags.get("mlflow.parentRunId"), []).append(r)
+    parents = [r for r in runs if r.data.tags.get("role") == "sweep"]
+    return parents, kids
+
+
+def test_grid_sweep_is_one_parent_with_a_child_per_job_and_a_summary(sweep):
+    sweep("mode=head_only,full", "pooling=mean,cls")
+    parents, kids = tree(sweep.uri)
+    [parent] = parents
+    assert parent.info.status == "FINISHED"
+    jobs = kids[parent.info.run_id]
+    assert len(jobs) == 4 and all(j.info.status == "FINISHED" for j in jobs)
+    assert {(j.data.tags["mode"], j.data.tags["pooling"]) for j in jobs} == {
+        ("head_only", "mean"), ("head_only", "cls"), ("full", "mean"), ("full", "cls")}
+    summary = pd.read_csv(sweep.dir / "sweep" / "summary.csv")
+    assert len(summary) == 4 and summary["value"].is_monotonic_decreasing
+    assert summary["value"].tolist() == pytest.approx(sorted(j.data.metrics["val/accuracy"] for j in jobs)[::-1])
+    client, _ = runs_of(sweep.uri)
+    assert "summary.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_a_failed_grid_job_is_failed_and_the_others_keep_their_results(sweep):
+    out = sweep("train.lr=1e-3,-1,1e30", "train.max_grad_norm=0", "train.log_every=1", expect_ok=False)
+    assert out.returncode != 0  # Hydra reports the failure after every job has run
+    parents, kids = tree(sweep.uri)
+    jobs = {j.data.tags["job_num"]: j for j in kids[parents[0].info.run_id]}
+    assert jobs["0"].info.status == "FINISHED"
+    assert jobs["1"].info.status == "FAILED" and "train.lr=-1.0 must be a positive number" in jobs["1"].data.tags["error"]
+    assert jobs["2"].info.status == "FAILED"  # NaN loss: TrainingDiverged inside the job's own run
+    summary = pd.read_csv(sweep.dir / "sweep" / "summary.csv")
+    assert summary["status"].tolist() == ["FINISHED", "FAILED", "FAILED"]
+    assert summary["value"].iloc[0] == pytest.approx(jobs["0"].data.metrics["val/accuracy"])
+
+
+def optuna_args(storage: str, n_trials: int, *extra: str) -> list[str]:
+    return ["hparams_search=head_lr", "cv.folds=2", f"hydra.sweeper.n_trials={n_trials}",
+            f"hydra.sweeper.storage={storage}", *extra]
+
+
+def test_optuna_search_sweep_trials_folds_and_resume(sweep):
+    storage = f"sqlite:///{sweep.dir / 'optuna.db'}"
+    sweep(*optuna_args(storage, 2), name="first")
+    study = optuna.load_study(study_name="test-head_lr", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+
+    parents, kids = tree(sweep.uri)
+    [parent] = parents
+    trials = kids[parent.info.run_id]
+    assert len(trials) == 2
+    for trial in trials:
+        folds = kids[trial.info.run_id]
+        assert sorted(f.data.tags["fold"] for f in folds) == ["0", "1"]
+        assert trial.data.metrics["cv/val/accuracy_mean"] == pytest.approx(
+            sum(f.data.metrics["val/accuracy"] for f in folds) / 2)
+    values = sorted(t.value for t in study.trials)
+    assert values == pytest.approx(sorted(t.data.metrics["cv/val/accuracy_mean"] for t in trials))
+    assert (sweep.dir / "first" / "optimization_results.yaml").exists()
+    assert len(pd.read_csv(sweep.dir / "first" / "trials.csv")) == 2
+
+    # a trial left RUNNING by a killed sweep, then the same command with a target of 3 trials
+    study.ask()
+    sweep(*optuna_args(storage, 3), name="second")
+    states = [t.state.name for t in optuna.load_study(study_name="test-head_lr", storage=storage).trials]
+    assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1 and "RUNNING" not in states
+    parents, kids = tree(sweep.uri)
+    assert len(parents) == 1 and len(kids[parents[0].info.run_id]) == 3  # one study, one parent
+    assert parents[0].info.status == "FINISHED"
+
+
+FAILING_SEARCH = """# @package _global_
+defaults:
+  - override /mode: head_only
+  - override /hydra/sweeper: runner_optuna
+  - override /hydra/sweeper/sampler: random
+hydra:
+  sweeper:
+    sampler:
+      seed: 1
+    study_name: failing
+    storage: STORAGE
+    direction: maximize
+    n_trials: 4
+    n_jobs: 1
+    max_failure_rate: 0.5
+    params:
+      train.head_lr: choice(-1.0, 0.001, 0.01)
+"""
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(sweep):
+    """A search space with an invalid value: trials that draw it fail, the search completes the others."""
+    storage = f"sqlite:///{sweep.dir / 'optuna.db'}"
+    (sweep.dir / "conf" / "hparams_search").mkdir(parents=True)
+    (sweep.dir / "conf" / "hparams_search" / "failing.yaml").write_text(FAILING_SEARCH.replace("STORAGE", storage))
+    sweep(f"hydra.searchpath=[file://{sweep.dir / 'conf'}]", "hparams_search=failing")
+    trials = optuna.load_study(study_name="failing", storage=storage).trials
+    assert len(trials) == 4
+    states = {(t.params["train.head_lr"] > 0, t.state.name) for t in trials}
+    assert states == {(False, "FAIL"), (True, "COMPLETE")}  # seed 1 draws -1.0 once, for trial 2
+    parents, kids = tree(sweep.uri)
+    statuses = sorted(j.info.status for j in kids[parents[0].info.run_id])
+    assert statuses == sorted("FAILED" if t.state.name == "FAIL" else "FINISHED" for t in trials)
+
+
+def test_parallel_trials_with_joblib_share_one_fresh_store(sweep):
+    storage = f"sqlite:///{sweep.dir / 'optuna.db'}"
+    out = sweep(*optuna_args(storage, 4, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"))
+    assert "is launching 2 jobs" in out.stdout + out.stderr  # two trials at a time
+    trials = optuna.load_study(study_name="test-head_lr", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    parents, kids = tree(sweep.uri)
+    trial_runs = kids[parents[0].info.run_id]
+    assert len(trial_runs) == 4 and all(len(kids[t.info.run_id]) == 2 for t in trial_runs)
