@@ -1,8 +1,11 @@
 """The saved model folder: self-describing, loadable without the training config.
 
     model/
-      runner_model.json   format version, base model, pooling, head shape, label map, tokenization
-      encoder/            full / head_only: the encoder in Hugging Face format
+      runner_model.json   format version, base model, pooling, head shape, label map, tokenization, task
+      encoder/            full / head_only: the encoder in Hugging Face format (a head model)
+      (root)              an embedding model (no head) whose pooling sentence-transformers knows: the
+                          encoder and tokenizer at the root plus modules.json, 1_Pooling/, 2_Normalize/,
+                          so ``SentenceTransformer(folder)`` loads it and gives the same vectors
       adapter/            peft: the LoRA adapter in PEFT format (base model referenced in the json)
       base/               peft on a randomly initialised base (model=tiny): the base weights too
       tokenizer/          the tokenizer, Hugging Face format
@@ -24,30 +27,55 @@ from runner.model import TextModel
 FORMAT_VERSION = 1
 
 
+ST_POOLING = {  # runner pooling class -> sentence-transformers Pooling mode
+    "MeanPooling": "pooling_mode_mean_tokens",
+    "ClsPooling": "pooling_mode_cls_token",
+    "MaxPooling": "pooling_mode_max_tokens",
+    "LastTokenPooling": "pooling_mode_lasttoken",
+}
+
+
+def sentence_transformers_mode(model: TextModel, is_peft: bool) -> str | None:
+    """The sentence-transformers pooling mode that reproduces this model, or None if there is none."""
+    pooling = model.pooling
+    if model.head_outputs is not None or is_peft or pooling.layers != [-1]:
+        return None
+    return ST_POOLING.get(type(pooling).__name__)
+
+
 def save_model(folder: str | Path, model: TextModel, tokenizer, label_names: list, base_model: str | None,
-               text_prefix: str, max_length: int, config_yaml: str | None = None) -> Path:
+               text_prefix: str, max_length: int, config_yaml: str | None = None, task: str | None = None) -> Path:
     from peft import PeftModel
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     is_peft = isinstance(model.encoder, PeftModel)
+    st_mode = sentence_transformers_mode(model, is_peft)
     if is_peft:
         model.encoder.save_pretrained(folder / "adapter")
         if base_model is None:
             model.encoder.get_base_model().save_pretrained(folder / "base")
+        encoder_dir = "adapter"
     else:
-        model.encoder.save_pretrained(folder / "encoder")
-    tokenizer.save_pretrained(folder / "tokenizer")
+        encoder_dir = "." if st_mode else "encoder"
+        model.encoder.save_pretrained(folder / encoder_dir)
+    tokenizer.save_pretrained(folder / ("." if st_mode else "tokenizer"))
+    if st_mode:
+        write_sentence_transformers_files(folder, model, st_mode, text_prefix, max_length)
     head = {f"head.{k}": v.contiguous() for k, v in model.head.state_dict().items()}
     head.update({f"pooling.{k}": v.contiguous() for k, v in model.pooling.state_dict().items()})
     save_file(head, folder / "head.safetensors")
-    linear = model.head[-1]
+    linear = model.head[-1] if model.head_outputs is not None else None
     meta = {
         "format_version": FORMAT_VERSION,
-        "encoder": "adapter" if is_peft else "encoder",
+        "task": task,
+        "encoder": encoder_dir,
+        "tokenizer": "." if st_mode else "tokenizer",
+        "sentence_transformers": bool(st_mode),
         "base_model": base_model if is_peft and base_model else ("base" if is_peft else None),
         "pooling": model.pooling.describe(),
-        "head": {"type": "linear", "in_features": linear.in_features, "out_features": linear.out_features},
+        "head": None if linear is None else
+        {"type": "linear", "in_features": linear.in_features, "out_features": linear.out_features},
         "labels": label_names,
         "text_prefix": text_prefix,
         "max_length": max_length,
@@ -72,15 +100,48 @@ def load_model(folder: str | Path) -> tuple[TextModel, object, dict]:
         base = AutoModel.from_pretrained(folder / "base" if base_ref == "base" else base_ref)
         encoder = PeftModel.from_pretrained(base, folder / "adapter")
     else:
-        encoder = AutoModel.from_pretrained(folder / "encoder")
+        encoder = AutoModel.from_pretrained(folder / meta["encoder"])
     pooling_spec = dict(meta["pooling"])
-    pooling = get_class(pooling_spec.pop("_target_"))(**pooling_spec)
-    model = TextModel(encoder, pooling, meta["head"]["out_features"])
+    target = pooling_spec.pop("_target_")
+    if not target.startswith("runner.pooling."):
+        raise ValueError(f"{folder}: unknown pooling {target!r}")
+    pooling = get_class(target)(**pooling_spec)
+    model = TextModel(encoder, pooling, meta["head"]["out_features"] if meta["head"] else None)
     weights = load_file(folder / "head.safetensors")
     model.head.load_state_dict({k[5:]: v for k, v in weights.items() if k.startswith("head.")})
     model.pooling.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("pooling.")})
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(folder / meta.get("tokenizer", "tokenizer"))
     return model.eval(), tokenizer, meta
+
+
+def write_sentence_transformers_files(folder: Path, model: TextModel, mode: str, text_prefix: str, max_length: int) -> None:
+    """modules.json and module folders: Transformer (root) -> Pooling -> Normalize (if normalized)."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    pooling = {"word_embedding_dimension": model.encoder.config.hidden_size, "include_prompt": True,
+               **{m: m == mode for m in ["pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
+                                         "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
+                                         "pooling_mode_lasttoken"]}}
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+    if model.pooling.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (folder / "2_Normalize").mkdir(exist_ok=True)
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length, "do_lower_case": False}))
+    prompts = {"prompts": {"query": text_prefix}, "default_prompt_name": "query"} if text_prefix else {}
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({**prompts, "similarity_fn_name": "cosine"}))
+
+
+@torch.no_grad()
+def embed_texts(model: TextModel, tokenizer, meta: dict, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Sentence embeddings (pooling and normalize included) of raw texts, as the runner computes them."""
+    out = []
+    for i in range(0, len(texts), batch_size):
+        chunk = [meta["text_prefix"] + t for t in texts[i : i + batch_size]]
+        batch = tokenizer(chunk, padding=True, truncation=True, max_length=meta["max_length"], return_tensors="pt")
+        out.append(model.embed(batch))
+    return torch.cat(out)
 
 
 @torch.no_grad()

@@ -15,24 +15,41 @@ from torch.utils.data import DataLoader
 
 
 class Encoded(torch.utils.data.Dataset):
-    """Token ids (unpadded) and labels of one split; items carry their index so outputs can be reordered."""
+    """Token ids (unpadded) of one split's text columns, and its targets.
 
-    def __init__(self, tokenizer, texts: Sequence[str], labels: np.ndarray, max_length: int, prefix: str = ""):
-        encoded = tokenizer([prefix + t for t in texts], truncation=True, max_length=max_length)
-        self.input_ids: list[list[int]] = encoded["input_ids"]
-        self.token_type_ids = encoded.get("token_type_ids")
-        self.labels = torch.as_tensor(labels)
-        self.lengths = np.array([len(ids) for ids in self.input_ids])
+    ``joint=True`` (cross-encoder pairs) tokenizes the two columns as one sequence; otherwise each column
+    is tokenized alone (single texts, bi-encoder pairs, triplets). Every text also gets an id, equal for
+    equal texts across columns, so in-batch negatives can skip duplicates of the positive.
+    Items are indices, so outputs can be put back in dataset order after length-sorted batching.
+    """
+
+    def __init__(self, tokenizer, columns: Sequence[Sequence[str]], labels, max_length: int,
+                 prefix: str = "", joint: bool = False):
+        prefixed = [[prefix + t for t in col] for col in columns]
+        if joint:
+            encodings = [tokenizer(prefixed[0], prefixed[1], truncation=True, max_length=max_length)]
+        else:
+            encodings = [tokenizer(col, truncation=True, max_length=max_length) for col in prefixed]
+        self.input_ids: list[list[list[int]]] = [e["input_ids"] for e in encodings]
+        self.token_type_ids = [e.get("token_type_ids") for e in encodings]
+        self.labels = None if labels is None else torch.as_tensor(labels)
+        self.lengths = np.max([[len(ids) for ids in col] for col in self.input_ids], axis=0)
+        vocabulary: dict[str, int] = {}
+        self.text_ids = torch.as_tensor([[vocabulary.setdefault(t, len(vocabulary)) for t in col] for col in columns])
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.lengths)
 
     def __getitem__(self, i: int) -> int:
         return i
 
 
 class Collator:
-    """Pads a list of item indices into tensors: right or left, as the tokenizer is configured."""
+    """Pads a list of item indices into tensors: right or left, as the tokenizer is configured.
+
+    Batch layout: ``features`` (one dict of input_ids / attention_mask / token_type_ids per text
+    column), ``labels`` (absent for triplets), ``index`` (dataset positions), ``text_ids`` (columns, batch).
+    """
 
     def __init__(self, data: Encoded, pad_id: int, padding_side: str = "right"):
         self.data, self.pad_id, self.left = data, pad_id, padding_side == "left"
@@ -47,16 +64,21 @@ class Collator:
                 out[i, : len(r)] = torch.as_tensor(r)
         return out
 
-    def __call__(self, index: list[int]) -> dict[str, torch.Tensor]:
-        ids = [self.data.input_ids[i] for i in index]
+    def features(self, column: int, index: list[int]) -> dict[str, torch.Tensor]:
+        ids = [self.data.input_ids[column][i] for i in index]
+        out = {"input_ids": self.pad(ids, self.pad_id), "attention_mask": self.pad([[1] * len(r) for r in ids], 0)}
+        if self.data.token_type_ids[column] is not None:
+            out["token_type_ids"] = self.pad([self.data.token_type_ids[column][i] for i in index], 0)
+        return out
+
+    def __call__(self, index: list[int]) -> dict:
         batch = {
-            "input_ids": self.pad(ids, self.pad_id),
-            "attention_mask": self.pad([[1] * len(r) for r in ids], 0),
-            "labels": self.data.labels[index],
+            "features": [self.features(c, index) for c in range(len(self.data.input_ids))],
             "index": torch.as_tensor(index),
+            "text_ids": self.data.text_ids[:, index],
         }
-        if self.data.token_type_ids is not None:
-            batch["token_type_ids"] = self.pad([self.data.token_type_ids[i] for i in index], 0)
+        if self.data.labels is not None:
+            batch["labels"] = self.data.labels[index]
         return batch
 
 
@@ -115,6 +137,7 @@ def padding_ratio(loader: DataLoader) -> float:
     """Padded tokens per real token over one pass of ``loader`` (1.0 = no padding)."""
     real = padded = 0
     for batch in loader:
-        real += int(batch["attention_mask"].sum())
-        padded += batch["attention_mask"].numel()
+        for features in batch["features"]:
+            real += int(features["attention_mask"].sum())
+            padded += features["attention_mask"].numel()
     return padded / max(real, 1)

@@ -22,18 +22,19 @@ from runner.tracking import Tracker
 log = logging.getLogger("runner")
 
 
-def make_folds(targets: np.ndarray, cfg: CVConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+def make_folds(targets: np.ndarray | None, cfg: CVConfig, rows: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train indices, held-out indices) per fold.
 
     Class ids are stratified directly: every fold holds floor or ceil of (class count / k) of each class.
-    Float targets (regression) are stratified by ``cfg.bins`` quantile bins.
+    Float targets (regression) are stratified by ``cfg.bins`` quantile bins. Triplets (no targets) and
+    multi-label rows are split at random.
     """
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    k = cfg.folds
-    if k < 2 or k > len(targets):
-        raise RunnerError(f"cv.folds={k}: needs 2 <= folds <= the {len(targets)} training rows")
-    if not cfg.stratify:
+    k, n = cfg.folds, len(targets) if targets is not None else rows
+    if k < 2 or k > n:
+        raise RunnerError(f"cv.folds={k}: needs 2 <= folds <= the {n} training rows")
+    if not cfg.stratify or targets is None or targets.ndim != 1:
         splitter, groups = KFold(k, shuffle=True, random_state=cfg.seed), None
     else:
         groups = quantile_bins(targets, cfg.bins) if np.issubdtype(targets.dtype, np.floating) else targets
@@ -44,7 +45,7 @@ def make_folds(targets: np.ndarray, cfg: CVConfig) -> list[tuple[np.ndarray, np.
                 f"lower cv.folds, or set cv.stratify=false"
             )
         splitter = StratifiedKFold(k, shuffle=True, random_state=cfg.seed)
-    return list(splitter.split(np.zeros(len(targets)), groups))
+    return list(splitter.split(np.zeros(n), groups))
 
 
 def quantile_bins(values: np.ndarray, bins: int) -> np.ndarray:
@@ -69,7 +70,7 @@ def cross_validate(run, data: Dataset, tokenizer, accelerator, tracker: Tracker,
     from runner.job import save
 
     cfg = run.cfg
-    folds = make_folds(data.train.labels, cfg.cv)
+    folds = make_folds(data.train.labels, cfg.cv, len(data.train))
     chosen = range(cfg.cv.folds) if cfg.cv.only_fold is None else [cfg.cv.only_fold]
     if cfg.cv.only_fold is not None and not 0 <= cfg.cv.only_fold < cfg.cv.folds:
         raise RunnerError(f"cv.only_fold={cfg.cv.only_fold} must be in 0..{cfg.cv.folds - 1}")

@@ -8,6 +8,7 @@ a value that is an existing file wins over a split name, so a hub config also ta
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,24 +17,35 @@ import numpy as np
 import pandas as pd
 
 from runner.errors import DataError
-from runner.schema import DataConfig
+from runner.schema import DataConfig, DataType
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+log = logging.getLogger("runner")
+FIELD_KEYS = {DataType.single: "text_field", DataType.pair: "text_fields", DataType.triplet: "anchor_field/positive_field/negative_field"}
 QUOTING = {"minimal": csv.QUOTE_MINIMAL, "all": csv.QUOTE_ALL, "nonnumeric": csv.QUOTE_NONNUMERIC, "none": csv.QUOTE_NONE}
 
 
 @dataclass
 class TextSplit:
-    """One split of single-text classification data: texts and integer label ids."""
+    """One split: one text column (single), two (pair) or three (triplet), and the targets.
 
-    texts: list[str]
-    labels: np.ndarray  # int64 ids into the label map
+    ``labels`` are int64 class ids, float scores, a multi-hot float matrix (multi-label), or None
+    (triplets: the positive is the target).
+    """
+
+    columns: list[list[str]]
+    labels: np.ndarray | None
+
+    @property
+    def texts(self) -> list[str]:
+        return self.columns[0]
 
     def __len__(self) -> int:
-        return len(self.texts)
+        return len(self.columns[0])
 
     def subset(self, index: np.ndarray) -> TextSplit:
-        return TextSplit([self.texts[i] for i in index], self.labels[index])
+        labels = None if self.labels is None else self.labels[index]
+        return TextSplit([[col[i] for i in index] for col in self.columns], labels)
 
 
 @dataclass
@@ -41,27 +53,46 @@ class Dataset:
     train: TextSplit
     validation: TextSplit | None  # None only when asked not to split one off (k-fold makes its own)
     test: TextSplit | None
-    label_names: list  # id -> original label (str or int), saved with the model
+    label_names: list  # id -> original label (str or int), saved with the model; [] for scores/triplets
 
 
-def load_dataset(cfg: DataConfig, need_validation: bool = True) -> Dataset:
-    """Read, check and label-encode the configured splits.
+def text_fields(cfg: DataConfig) -> list[str]:
+    """The text columns of the configured data type, in model order."""
+    by_type = {
+        DataType.single: [cfg.text_field],
+        DataType.pair: list(cfg.text_fields),
+        DataType.triplet: [f for f in (cfg.anchor_field, cfg.positive_field, cfg.negative_field) if f],
+    }
+    return by_type[cfg.type]
 
-    Without a validation file, a stratified part of train becomes validation, unless ``need_validation``
-    is false (k-fold: the held-out folds validate, and a validation file is not read).
+
+def load_dataset(cfg: DataConfig, target: str = "class", need_validation: bool = True) -> Dataset:
+    """Read, check and encode the configured splits.
+
+    ``target``: "class" (label map of strings or ints), "score" (floats), "multi_label" (several labels
+    per row, split on ``data.label_separator``) or "none" (triplets). Without a validation file, a
+    seeded part of train (stratified for classes) becomes validation, unless ``need_validation`` is
+    false (k-fold: the held-out folds validate, and a validation file is not read).
     """
     if not cfg.train:
         raise DataError("data.train is not set: give a file path (data=csv data.train=path/to/train.csv)")
-    train = read_split(cfg, "train")
+    if cfg.type == DataType.pair and len(cfg.text_fields) != 2:
+        raise DataError(f"data.type=pair needs two data.text_fields, got {list(cfg.text_fields)}")
+    fields = text_fields(cfg)
+    label = None if target == "none" else cfg.label_field
+    read = lambda split: read_split(cfg, split, fields, label)  # noqa: E731
+    train = read("train")
     if cfg.max_train_samples:
         train = train.iloc[: cfg.max_train_samples]
-    validation = read_split(cfg, "validation") if cfg.validation and need_validation else None
-    test = read_split(cfg, "test") if cfg.test else None
+    validation = read("validation") if given(cfg, "validation") and need_validation else None
+    test = read("test") if given(cfg, "test") else None
 
-    label_names = label_map(train[cfg.label_field])
-    encode = lambda df, split: TextSplit(  # noqa: E731
-        df[cfg.text_field].tolist(), encode_labels(df[cfg.label_field], label_names, split, cfg)
-    )
+    label_names = label_map(train[label], target, cfg.label_separator) if target in ("class", "multi_label") else []
+
+    def encode(df: pd.DataFrame, split: str) -> TextSplit:
+        targets = None if label is None else encode_targets(df[label], target, label_names, split, cfg)
+        return TextSplit([df[f].tolist() for f in fields], targets)
+
     train_split = encode(train, "train")
     if validation is not None:
         val_split = encode(validation, "validation")
@@ -73,28 +104,42 @@ def load_dataset(cfg: DataConfig, need_validation: bool = True) -> Dataset:
     return Dataset(train_split, val_split, test_split, label_names)
 
 
-def read_split(cfg: DataConfig, split: str) -> pd.DataFrame:
+def given(cfg: DataConfig, split: str) -> bool:
+    """Whether a validation/test split is configured. A hub preset's split name does not count once
+    data.train is a local file (data=stsb data.train=train.csv): local train, local everything."""
+    value = getattr(cfg, split)
+    if not value:
+        return False
+    if cfg.hub and os.path.exists(cfg.train) and not os.path.exists(value):
+        log.info("data.%s=%s is a hub split but data.train is a local file: not using it", split, value)
+        return False
+    return True
+
+
+def read_split(cfg: DataConfig, split: str, fields: list[str], label: str | None) -> pd.DataFrame:
     """One split as a DataFrame with checked text and label columns (blank texts and labels rejected)."""
     source = getattr(cfg, split)
     if os.path.exists(source) or not cfg.hub:
         frame, where = read_table(source, cfg, split), source
     else:
         frame, where = read_hub_split(cfg, source), f"{cfg.hub} [{source}]"
-    columns = [cfg.text_field, cfg.label_field]
+    columns = fields + ([label] if label else [])
     missing = [c for c in columns if c not in frame.columns]
     if missing:
+        key = "label_field" if missing[0] == label else FIELD_KEYS[cfg.type]
         raise DataError(
-            f"{where}: no column {missing[0]!r} (data.{'text' if missing[0] == cfg.text_field else 'label'}_field); "
-            f"the file has columns {list(frame.columns)}. Set data.text_field / data.label_field, or "
-            f"data.delimiter if the columns were not split."
+            f"{where}: no column {missing[0]!r} (data.{key}); the file has columns {list(frame.columns)}. "
+            f"Set data.{key}, or data.delimiter if the columns were not split."
         )
     frame = frame[columns].reset_index(drop=True)
     for column in columns:
-        blank = frame[column].isna() | (frame[column].astype(str).str.strip() == "")
+        values = frame[column]
+        blank = values.isna() | values.map(lambda v: isinstance(v, str) and not v.strip())
         if blank.any():
             row = int(np.flatnonzero(blank.to_numpy())[0])
             raise DataError(f"{where}: row {row_number(row, where)}, column {column!r} is empty")
-    frame[cfg.text_field] = frame[cfg.text_field].astype(str)
+    for field in fields:
+        frame[field] = frame[field].astype(str)
     return frame
 
 
@@ -154,9 +199,19 @@ def read_hub_split(cfg: DataConfig, split: str) -> pd.DataFrame:
         ) from err
 
 
-def label_map(labels: pd.Series) -> list:
+def split_labels(value, separator: str) -> list[str]:
+    """Several labels in one cell: a list (jsonl/parquet) or a separated string ("sports,news")."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [str(v).strip() for v in value]
+    return [part.strip() for part in str(value).split(separator) if part.strip()]
+
+
+def label_map(labels: pd.Series, target: str, separator: str) -> list:
     """Sorted distinct labels; all-integer labels (e.g. "0"/"1" in a csv) become ints."""
-    values = labels.tolist()
+    if target == "multi_label":
+        values = [v for cell in labels.tolist() for v in split_labels(cell, separator)]
+    else:
+        values = labels.tolist()
     try:
         as_int = [int(v) for v in values]
         if all(str(v).strip() == str(i) for v, i in zip(values, as_int)):
@@ -166,19 +221,36 @@ def label_map(labels: pd.Series) -> list:
     return sorted({str(v) for v in values})
 
 
-def encode_labels(labels: pd.Series, names: list, split: str, cfg: DataConfig) -> np.ndarray:
+def encode_targets(labels: pd.Series, target: str, names: list, split: str, cfg: DataConfig) -> np.ndarray:
+    """Class ids (int64), scores (float32) or multi-hot rows (float32), with the row of any bad value."""
+    where = getattr(cfg, split)
     index = {str(name): i for i, name in enumerate(names)}
-    ids = np.empty(len(labels), dtype=np.int64)
-    for row, value in enumerate(labels.tolist()):
-        key = str(value).strip()
-        if key not in index:
-            raise DataError(
-                f"{getattr(cfg, split)}: row {row_number(row, getattr(cfg, split))}, column {cfg.label_field!r}: "
-                f"label {value!r} does not occur in the "
-                f"training data (known labels: {names})"
-            )
-        ids[row] = index[key]
-    return ids
+    values = labels.tolist()
+    if target == "score":
+        out = np.empty(len(values), dtype=np.float32)
+    elif target == "multi_label":
+        out = np.zeros((len(values), len(names)), dtype=np.float32)
+    else:
+        out = np.empty(len(values), dtype=np.int64)
+    for row, value in enumerate(values):
+        bad = None
+        if target == "score":
+            try:
+                out[row] = float(value)
+            except (TypeError, ValueError):
+                bad = f"score {value!r} is not a number"
+        else:
+            keys = split_labels(value, cfg.label_separator) if target == "multi_label" else [str(value).strip()]
+            unknown = [k for k in keys if k not in index]
+            if unknown:
+                bad = f"label {unknown[0]!r} does not occur in the training data (known labels: {names})"
+            elif target == "multi_label":
+                out[row, [index[k] for k in keys]] = 1.0
+            else:
+                out[row] = index[keys[0]]
+        if bad:
+            raise DataError(f"{where}: row {row_number(row, where)}, column {cfg.label_field!r}: {bad}")
+    return out
 
 
 def split_off_validation(train: TextSplit, fraction: float, seed: int) -> tuple[TextSplit, TextSplit]:
@@ -187,8 +259,10 @@ def split_off_validation(train: TextSplit, fraction: float, seed: int) -> tuple[
 
     if not 0 < fraction < 1:
         raise DataError(f"no validation data: set data.validation or data.validation_split in (0, 1), not {fraction}")
-    counts = np.bincount(train.labels)
-    stratify = train.labels if counts[counts > 0].min() >= 2 else None
+    stratify = None
+    if train.labels is not None and train.labels.ndim == 1 and train.labels.dtype.kind == "i":
+        counts = np.bincount(train.labels)
+        stratify = train.labels if counts[counts > 0].min() >= 2 else None
     keep, held = train_test_split(
         np.arange(len(train)), test_size=fraction, random_state=seed, stratify=stratify
     )

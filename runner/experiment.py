@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.nn import functional as F
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from runner import batching
 from runner.data import Dataset
-from runner.evaluate import class_report, classification_metrics, predict
+from runner.distill import Distillation, make_teacher
 from runner.model import TextModel, load_encoder
 from runner.schema import Direction
 from runner.tracking import Tracker
@@ -37,59 +36,79 @@ class FitResult:
 
 def fit_and_evaluate(run, data: Dataset, tokenizer, accelerator, tracker: Tracker) -> FitResult:
     """Build a fresh model, train it on ``data.train`` and evaluate on validation (and test)."""
-    cfg, train_cfg = run.cfg, run.cfg.train
-    encode = lambda split: batching.Encoded(  # noqa: E731
-        tokenizer, split.texts, split.labels, cfg.model.max_length, cfg.model.text_prefix
-    )
+    cfg, train_cfg, task = run.cfg, run.cfg.train, run.task
+    encoded = {name: batching.Encoded(tokenizer, split.columns, task.scale_targets(split.labels), cfg.model.max_length,
+                                      cfg.model.text_prefix, joint=task.joint and len(split.columns) == 2)
+               for name, split in (("train", data.train), ("val", data.validation), ("test", data.test)) if split}
     eval_bs = train_cfg.eval_batch_size or 2 * train_cfg.batch_size
-    train_loader = batching.make_loader(encode(data.train), tokenizer, train_cfg.batch_size, train=True,
+    train_loader = batching.make_loader(encoded.pop("train"), tokenizer, train_cfg.batch_size, train=True,
                                         seed=train_cfg.seed, group_by_length=train_cfg.group_by_length,
                                         workers=cfg.hardware.num_workers)
-    eval_loaders = {"val": batching.make_loader(encode(data.validation), tokenizer, eval_bs, train=False)}
-    if data.test is not None:
-        eval_loaders["test"] = batching.make_loader(encode(data.test), tokenizer, eval_bs, train=False)
+    eval_loaders = {k: batching.make_loader(v, tokenizer, eval_bs, train=False) for k, v in encoded.items()}
 
-    model = build_model(run, len(tokenizer), len(data.label_names))
+    model = build_model(run, len(tokenizer), task.num_outputs(data.label_names))
+    loss_fn = make_loss(run, model, data)
     optimizer = torch.optim.AdamW(param_groups(model, train_cfg.lr, train_cfg.head_lr, train_cfg.weight_decay))
     total = train_cfg.max_steps if train_cfg.max_steps > 0 else train_cfg.epochs * math.ceil(len(train_loader) / train_cfg.grad_accum)
     scheduler = make_scheduler(train_cfg.scheduler.value, optimizer, total, train_cfg.warmup_ratio)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    loss_fn.to(accelerator.device)  # not prepared: it holds no trained weights (a teacher is frozen)
     eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
 
-    def evaluate(step: int, splits=("val",)) -> dict[str, float]:
-        metrics = {}
+    last: dict[str, tuple[dict, dict]] = {}  # split -> (metrics, report) of the latest evaluation
+
+    def evaluate(step: int, splits=("val",), log_to=tracker) -> tuple[dict[str, float], dict]:
+        metrics, reports = {}, {}
         for split in splits:
-            logits, labels = predict(model, eval_loaders[split], accelerator)
-            metrics.update(classification_metrics(logits, labels, split))
-        tracker.log_metrics(metrics, step)
+            text_ids = encoded[split].text_ids.numpy()
+            values, reports[split] = task.evaluate(model, eval_loaders[split], accelerator, split, data.label_names, text_ids)
+            metrics.update(values)
+            last[split] = (values, reports[split])
+        log_to.log_metrics(metrics, step)
         log.info("step %d: %s", step, format_metrics(metrics))
-        return metrics
+        return metrics, reports
 
     evaluate(0, tuple(eval_loaders))  # the untrained model: the gain from training is visible in MLflow
     # Model selection looks at validation only: a test/* objective is monitored through its val/* twin.
     monitor = "val/" + cfg.objective.metric.split("/", 1)[1]
     with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
-        state = fit(model, ce_loss, train_loader, optimizer, scheduler, accelerator, train_cfg, evaluate, monitor,
-                    cfg.objective.direction == Direction.maximize, tracker.log_metrics)
-    metrics, reports = {}, {}
-    for split, loader in eval_loaders.items():  # final model (the best one, with early stopping)
-        logits, labels = predict(model, loader, accelerator)
-        metrics.update(classification_metrics(logits, labels, split))
-        reports[split] = class_report(logits, labels, data.label_names)
-    tracker.log_metrics(metrics, state.step)
-    return FitResult(accelerator.unwrap_model(model), metrics, reports, state.best_step, state.step, state.best)
+        state = fit(model, loss_fn, train_loader, optimizer, scheduler, accelerator, train_cfg,
+                    lambda step: evaluate(step)[0], monitor, cfg.objective.direction == Direction.maximize,
+                    tracker.log_metrics)
+    # The final model: the loop's last evaluation already scored it on val, unless early stopping restored
+    # earlier weights; test (and restored val) are scored now.
+    again = tuple(s for s in eval_loaders if s != "val" or state.best_weights is not None)
+    metrics, reports = evaluate(state.step, again) if again else ({}, {})
+    if "val" not in again:
+        metrics, reports = {**last["val"][0], **metrics}, {"val": last["val"][1], **reports}
+    return FitResult(accelerator.unwrap_model(model), metrics, {k: v for k, v in reports.items() if v},
+                     state.best_step, state.step, state.best)
 
 
-def ce_loss(model: TextModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return F.cross_entropy(model(batch), batch["labels"])
+def make_loss(run, model: TextModel, data: Dataset):
+    """The configured loss (or the task's default), prepared on the training targets, with distillation."""
+    loss_fn = run.make_loss()
+    loss_fn.prepare(data.train.labels)
+    if run.cfg.distill.teacher:
+        teacher, on_logits = make_teacher(run.cfg.distill, model, lambda name: encoder_model(run, name))
+        loss_fn = Distillation(loss_fn, teacher, run.cfg.distill, on_logits)
+    return loss_fn
 
 
-def build_model(run, vocab_size: int, num_labels: int) -> TextModel:
+def build_model(run, vocab_size: int, num_outputs: int | None) -> TextModel:
     encoder = load_encoder(run.cfg.model, vocab_size)
     if run.cfg.train.gradient_checkpointing:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     encoder = run.mode.apply(encoder)
-    return TextModel(encoder, run.make_pooling(), num_labels, run.cfg.train.head_dropout, run.mode.frozen_encoder)
+    return TextModel(encoder, run.make_pooling(), num_outputs, run.cfg.train.head_dropout, run.mode.frozen_encoder)
+
+
+def encoder_model(run, name_or_path: str) -> TextModel:
+    """Another encoder with this run's pooling and no head (a distillation teacher)."""
+    from dataclasses import replace
+
+    encoder = load_encoder(replace(run.cfg.model, name_or_path=name_or_path, random_init=None), 0)
+    return TextModel(encoder, run.make_pooling(), None)
 
 
 def param_groups(model: TextModel, lr: float, head_lr: float | None, weight_decay: float) -> list[dict]:

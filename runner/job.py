@@ -16,13 +16,14 @@ from pathlib import Path
 from runner import artifact
 from runner.data import Dataset, load_dataset
 from runner.errors import RunnerError
-from runner.evaluate import METRICS
 from runner.experiment import FitResult, fit_and_evaluate
 from runner.hardware import make_accelerator
+from runner.losses import Loss
 from runner.model import load_tokenizer
 from runner.modes import Mode
 from runner.pooling import Pooling
 from runner.schema import RunConfig
+from runner.tasks import Task
 from runner.tracking import Tracker, default_uri
 
 log = logging.getLogger("runner")
@@ -37,6 +38,8 @@ class Run:
     mode: Mode
     choices: dict[str, str]  # config group -> chosen option, for tags and run names
     config_yaml: str
+    task: Task | None = None  # what is learned: batch layout, head or not, metrics (runner.tasks)
+    make_loss: Callable[[], Loss] | None = None  # the configured loss, or the task's default
     parent_run_id: str | None = None  # the sweep's MLflow run, when this job is part of one
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (sweep id, job number, overrides)
 
@@ -58,8 +61,8 @@ def execute(run: Run) -> float:
     try:
         tracker.log_params(dataclasses.asdict(cfg))
         k_fold = cfg.cv.folds > 1
-        data = load_dataset(cfg.data, need_validation=not k_fold)
-        check_objective(cfg, data)
+        data = load_dataset(cfg.data, run.task.target, need_validation=not k_fold)
+        check_objective(run, data)
         log.info("data: %d train%s%s, %d labels", len(data.train),
                  f", {len(data.validation)} validation" if data.validation and not k_fold else "",
                  f", {len(data.test)} test" if data.test else "", len(data.label_names))
@@ -96,13 +99,14 @@ def save(run: Run, result: FitResult, tokenizer, data: Dataset, folder: Path) ->
     cfg = run.cfg
     base = None if cfg.model.random_init else cfg.model.name_or_path
     artifact.save_model(folder, result.model, tokenizer, data.label_names, base, cfg.model.text_prefix,
-                        cfg.model.max_length, run.config_yaml)
+                        cfg.model.max_length, run.config_yaml, task=type(run.task).__name__)
     log.info("model saved to %s", folder)
 
 
-def check_objective(cfg: RunConfig, data: Dataset) -> None:
+def check_objective(run: Run, data: Dataset) -> None:
+    cfg = run.cfg
     splits = ["val"] + (["test"] if data.test is not None else [])
-    known = [f"{s}/{m}" for s in splits for m in METRICS]
+    known = [f"{s}/{m}" for s in splits for m in run.task.metric_names]
     if cfg.objective.metric not in known:
         raise RunnerError(f"objective.metric={cfg.objective.metric!r} is not a metric of this run; choose one of {known}")
 

@@ -68,7 +68,8 @@ class TextModel(nn.Module):
     """
 
     def __init__(
-        self, encoder: nn.Module, pooling: Pooling, num_outputs: int, dropout: float = 0.1, frozen_encoder: bool = False
+        self, encoder: nn.Module, pooling: Pooling, num_outputs: int | None, dropout: float = 0.1,
+        frozen_encoder: bool = False,
     ) -> None:
         super().__init__()
         available = encoder.config.num_hidden_layers + 1  # hidden states: embeddings, then each layer
@@ -80,8 +81,10 @@ class TextModel(nn.Module):
         self.encoder = encoder
         self.pooling = pooling
         self.frozen_encoder = frozen_encoder
+        self.head_outputs = num_outputs
         hidden = encoder.config.hidden_size
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_outputs))
+        # no head: an embedding model (bi-encoder pairs, triplets), whose output is the pooled vector
+        self.head = nn.Identity() if num_outputs is None else nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_outputs))
 
     def train(self, mode: bool = True) -> TextModel:
         super().train(mode)
@@ -89,12 +92,14 @@ class TextModel(nn.Module):
             self.encoder.eval()
         return self
 
-    def embed(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    def embed(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled sentence vectors of one tokenized text column (input_ids, attention_mask, ...)."""
+        inputs = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_encoder):
             out = self.encoder(**inputs, output_hidden_states=self.pooling.needs_all_layers, return_dict=True)
         hidden = out.hidden_states if self.pooling.needs_all_layers else (out.last_hidden_state,)
-        return self.pooling(hidden, batch["attention_mask"])
+        return self.pooling(hidden, features["attention_mask"])
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.head(self.embed(batch))
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (or a score) with a head; the sentence embedding without one."""
+        return self.head(self.embed(features))

@@ -55,15 +55,27 @@ def build_run(cfg: DictConfig, choices: dict[str, str]):
 
     from runner.errors import RunnerError
     from runner.job import Run
+    from runner.tasks import make_task
 
     typed = OmegaConf.to_object(cfg)
     problems = schema.check_values(typed)
     if problems:
         raise RunnerError("; ".join(problems))
+    task = make_task(typed.data.type, typed.task)
+    loss_cfg = cfg.loss if cfg.loss is not None else OmegaConf.create(task.default_loss)
+    make_loss = instantiate(loss_cfg, _partial_=True, _execution_whitelist_=TARGETS)
+    family = make_loss.func.family
+    if family != task.loss_family:
+        raise RunnerError(
+            f"loss {loss_cfg._target_.rsplit('.', 1)[-1]} works on {family} outputs, but this run ({typed.data.type.value} "
+            f"data, task.architecture={typed.task.architecture.value}) trains on {task.loss_family}: pick a matching loss"
+        )
     return Run(
         cfg=typed,
         make_pooling=instantiate(cfg.pooling, _partial_=True, _execution_whitelist_=TARGETS),
         mode=instantiate(cfg.mode, _execution_whitelist_=TARGETS),
+        task=task,
+        make_loss=make_loss,
         choices={k: str(v) for k, v in choices.items() if not k.startswith(("hydra", "schema"))},
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
     )

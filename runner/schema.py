@@ -36,6 +36,24 @@ class Direction(str, Enum):
 
 class DataType(str, Enum):
     single = "single"
+    pair = "pair"
+    triplet = "triplet"
+
+
+class Architecture(str, Enum):
+    cross = "cross"  # both texts of a pair in one sequence, a head on the pooled output
+    bi = "bi"  # each text embedded alone (shared weights), similarity of the two embeddings
+
+
+class Target(str, Enum):
+    auto = "auto"  # class labels, except: triplets have none, bi-encoder pairs use scores
+    label = "class"
+    score = "score"
+
+
+class Similarity(str, Enum):
+    cosine = "cosine"
+    dot = "dot"
 
 
 class KeepModels(str, Enum):
@@ -108,8 +126,13 @@ class DataConfig:
     train: str | None = None
     validation: str | None = None
     test: str | None = None
-    text_field: str = "text"
+    text_field: str = "text"  # single
+    text_fields: list[str] = field(default_factory=lambda: ["sentence1", "sentence2"])  # pair
+    anchor_field: str = "anchor"  # triplet
+    positive_field: str = "positive"
+    negative_field: str | None = "negative"  # null: in-batch negatives only
     label_field: str = "label"
+    label_separator: str = ","  # multi-label cells: "sports,news"
     format: str | None = None  # csv, tsv, jsonl, parquet; None infers from the extension
     delimiter: str | None = None
     quoting: str = "minimal"  # minimal, all, nonnumeric, none (Python csv module)
@@ -117,6 +140,29 @@ class DataConfig:
     max_train_samples: int | None = None
     validation_split: float = 0.1  # used only when there is no validation set
     seed: int = 42
+
+
+@dataclass
+class TaskConfig:
+    """What is learned from the data: the architecture for pairs and the kind of target."""
+
+    architecture: Architecture = Architecture.cross
+    target: Target = Target.auto
+    multi_label: bool = False  # several labels per row: sigmoid + BCE, a threshold, micro/macro F1
+    threshold: float = 0.5
+    score_range: list[float] | None = None  # e.g. [0, 5]: scores are scaled to [0, 1]
+    similarity: Similarity = Similarity.cosine  # bi-encoder pairs and triplets
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation: ``teacher`` = null (off), ``self`` (the frozen starting model: a drift
+    penalty), or a saved runner model folder / any encoder path or hub id."""
+
+    teacher: str | None = None
+    alpha: float = 0.5  # loss = (1 - alpha) * task loss + alpha * distillation term
+    temperature: float = 2.0  # logits (classifiers)
+    embedding_loss: str = "mse"  # mse or cosine (embedding models and teacher=self)
 
 
 @dataclass
@@ -194,6 +240,9 @@ class RunConfig:
     pooling: PoolingConfig = MISSING
     mode: Any = MISSING  # one of the *ModeConfig schemas, chosen by the mode group
     data: DataConfig = MISSING
+    task: TaskConfig = field(default_factory=TaskConfig)
+    loss: Any = None  # a conf/loss option (_target_ + arguments); null = the task's default loss
+    distill: DistillConfig = field(default_factory=DistillConfig)
     precision: PrecisionConfig = MISSING
     hardware: HardwareConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)

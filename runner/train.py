@@ -53,7 +53,7 @@ def fit(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             running += loss.detach() / cfg.grad_accum
-            seen += len(batch["labels"])
+            seen += len(batch["index"])
             if not accelerator.sync_gradients:
                 continue
             state.step, window = state.step + 1, window + 1
@@ -62,7 +62,9 @@ def fit(
                 if not math.isfinite(mean_loss):
                     raise TrainingDiverged(f"loss is {mean_loss} at step {state.step}; lower train.lr or use precision=fp32")
                 rate = seen / (time.perf_counter() - tic)
-                log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0], "train/samples_per_s": rate}, state.step)
+                extra = {k: float(v) for k, v in getattr(loss_fn, "terms", {}).items()}  # e.g. train/distill
+                log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0], "train/samples_per_s": rate,
+                     **extra}, state.step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}")
                 running.zero_()
             bar.update(1)

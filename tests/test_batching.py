@@ -42,22 +42,43 @@ def test_collator_pads_left_or_right_and_keeps_indices(tokenizer_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    data = Encoded(tok, ["good", "the movie was bad"], np.array([1, 0]), max_length=16)
+    data = Encoded(tok, [["good", "the movie was bad"]], np.array([1, 0]), max_length=16)
     right = Collator(data, tok.pad_token_id, "right")([0, 1])
     left = Collator(data, tok.pad_token_id, "left")([0, 1])
-    assert right["attention_mask"].tolist()[0] == [1, 1, 1, 0, 0, 0]
-    assert left["attention_mask"].tolist()[0] == [0, 0, 0, 1, 1, 1]
-    assert right["input_ids"][0, :3].tolist() == left["input_ids"][0, 3:].tolist()
+    r, lf = right["features"][0], left["features"][0]
+    assert r["attention_mask"].tolist()[0] == [1, 1, 1, 0, 0, 0]
+    assert lf["attention_mask"].tolist()[0] == [0, 0, 0, 1, 1, 1]
+    assert r["input_ids"][0, :3].tolist() == lf["input_ids"][0, 3:].tolist()
     assert right["labels"].tolist() == [1, 0] and right["index"].tolist() == [0, 1]
+
+
+def test_pair_and_triplet_collation(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    a, b = ["good film", "bad"], ["the film was good", "bad"]
+    cross = Collator(Encoded(tok, [a, b], np.array([0.5, 1.0]), 32, joint=True), tok.pad_token_id)([0, 1])
+    [joint] = cross["features"]
+    assert joint["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1]  # [CLS] good film [SEP] | the film was good [SEP]
+    assert cross["labels"].tolist() == [0.5, 1.0]
+
+    triplets = Encoded(tok, [a, b, ["awful", "good film"]], None, 32)
+    batch = Collator(triplets, tok.pad_token_id)([0, 1])
+    assert len(batch["features"]) == 3 and "labels" not in batch
+    assert [f["input_ids"].shape[0] for f in batch["features"]] == [2, 2, 2]
+    # equal texts share an id across columns: "bad" (anchor 1 = positive 1), "good film" (anchor 0 = negative 1)
+    ids = batch["text_ids"]
+    assert ids[0, 1] == ids[1, 1] and ids[0, 0] == ids[2, 1] and ids[0, 0] != ids[1, 0]
+    assert triplets.lengths.tolist() == [6, 4]  # the longest column of each example
 
 
 def test_prefix_and_truncation(tokenizer_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    data = Encoded(tok, ["good " * 50], np.array([1]), max_length=8, prefix="the ")
-    assert len(data.input_ids[0]) == 8
-    assert data.input_ids[0][1] == tok.convert_tokens_to_ids("the")
+    data = Encoded(tok, [["good " * 50]], np.array([1]), max_length=8, prefix="the ")
+    assert len(data.input_ids[0][0]) == 8
+    assert data.input_ids[0][0][1] == tok.convert_tokens_to_ids("the")
 
 
 def test_eval_loader_is_sorted_and_padding_ratio(tokenizer_dir):
@@ -65,11 +86,11 @@ def test_eval_loader_is_sorted_and_padding_ratio(tokenizer_dir):
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     texts = ["good " * n for n in range(1, 40)]
-    data = Encoded(tok, texts, np.zeros(len(texts), dtype=np.int64), max_length=64)
+    data = Encoded(tok, [texts], np.zeros(len(texts), dtype=np.int64), max_length=64)
     loader = make_loader(data, tok, 8, train=False)
     seen = torch.cat([b["index"] for b in loader])
     assert sorted(seen.tolist()) == list(range(len(texts)))
-    widths = [b["input_ids"].shape[1] for b in loader]
+    widths = [b["features"][0]["input_ids"].shape[1] for b in loader]
     assert widths == sorted(widths, reverse=True)  # longest first: memory peaks at once, not late
     # lengths 3..41 in batches of 8: the padding left is the spread inside each batch
     assert padding_ratio(loader) < 1.2

@@ -1,0 +1,169 @@
+"""Tasks: what a run learns from its data. A task decides the batch layout (one joint sequence or one
+sequence per text), whether the model has a head, the default loss and the metrics.
+
+=================  ==============  ==========  ============  ======================================
+data.type          architecture    target      task          metrics (``split/name``)
+=================  ==============  ==========  ============  ======================================
+single             -               class       Classify      accuracy, f1/precision/recall, mcc, loss
+single             -               multi       MultiLabel    f1_micro/macro, precision, recall, exact match
+single / pair      cross           score       Regress       pearson, spearman, mse
+pair               cross           class       Classify      as single
+pair               bi              score/0-1   PairSimilar   pearson, spearman (of the similarity)
+triplet            -               -           Retrieve      triplet_accuracy, mrr_at_10, recall_at_1/10, ndcg_at_10
+=================  ==============  ==========  ============  ======================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from runner.errors import RunnerError
+from runner.schema import Architecture, DataType, Target, TaskConfig
+
+
+@dataclass
+class Task:
+    cfg: TaskConfig
+    # class attributes, not dataclass fields: subclasses set them
+    target = "class"  # how data.py encodes labels: class, score, multi_label or none
+    joint = True  # pairs tokenized as one sequence (cross-encoder)
+    has_head = True
+    loss_family = "logits"
+    default_loss = None  # a conf/loss-style node, used when loss=null
+    metric_names = ()
+
+    def num_outputs(self, label_names: list) -> int | None:
+        return len(label_names)
+
+    def scale_targets(self, labels: np.ndarray | None) -> np.ndarray | None:
+        return labels
+
+    @torch.no_grad()
+    def outputs(self, model, loader, accelerator) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Model outputs per text column (logits, or embeddings) and targets, in dataset order."""
+        was_training = model.training
+        model.eval()
+        columns, labels, index = None, [], []
+        for batch in loader:
+            outs = [model(f).float() for f in (batch["features"][:1] if self.has_head else batch["features"])]
+            gathered = accelerator.gather_for_metrics((outs, batch.get("labels", batch["index"]), batch["index"]))
+            outs, y, i = gathered
+            columns = [[] for _ in outs] if columns is None else columns
+            for store, out in zip(columns, outs):
+                store.append(out.cpu())
+            labels.append(y.cpu())
+            index.append(i.cpu())
+        model.train(was_training)
+        order = torch.cat(index).argsort()
+        columns = [torch.cat(c)[order].numpy() for c in columns]
+        return columns, (torch.cat(labels)[order].numpy() if "labels" in batch else None)
+
+    def evaluate(self, model, loader, accelerator, split: str, label_names: list, text_ids=None):
+        """(metrics keyed ``split/name``, per-class report or None)."""
+        raise NotImplementedError
+
+
+class Classify(Task):
+    default_loss = {"_target_": "runner.losses.CrossEntropy"}
+    metric_names = ("accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro", "mcc", "loss")
+
+    def evaluate(self, model, loader, accelerator, split, label_names, text_ids=None):
+        from runner.evaluate import class_report, classification_metrics
+
+        [logits], labels = self.outputs(model, loader, accelerator)
+        return classification_metrics(logits, labels, split), class_report(logits, labels, label_names)
+
+
+class MultiLabel(Task):
+    target = "multi_label"
+    default_loss = {"_target_": "runner.losses.BinaryCrossEntropy"}
+    metric_names = ("f1_micro", "f1_macro", "precision_micro", "recall_micro", "exact_match", "loss")
+
+    def evaluate(self, model, loader, accelerator, split, label_names, text_ids=None):
+        from runner.evaluate import multilabel_metrics
+
+        [logits], labels = self.outputs(model, loader, accelerator)
+        return multilabel_metrics(logits, labels, self.cfg.threshold, split), None
+
+
+class Regress(Task):
+    target = "score"
+    default_loss = {"_target_": "runner.losses.MeanSquaredError"}
+    metric_names = ("pearson", "spearman", "mse")
+
+    def num_outputs(self, label_names):
+        return 1
+
+    def scale_targets(self, labels):
+        return scale_scores(labels, self.cfg.score_range)
+
+    def evaluate(self, model, loader, accelerator, split, label_names, text_ids=None):
+        from runner.evaluate import correlation_metrics
+
+        [scores], labels = self.outputs(model, loader, accelerator)
+        return correlation_metrics(scores[:, 0], labels, split, mse=True), None
+
+
+class PairSimilarity(Task):
+    target = "score"
+    joint = False
+    has_head = False
+    loss_family = "pair"
+    default_loss = {"_target_": "runner.losses.CoSENT"}
+    metric_names = ("pearson", "spearman")
+
+    def num_outputs(self, label_names):
+        return None
+
+    def scale_targets(self, labels):
+        return scale_scores(labels, self.cfg.score_range)
+
+    def evaluate(self, model, loader, accelerator, split, label_names, text_ids=None):
+        from runner.evaluate import correlation_metrics
+        from runner.losses import paired_similarity
+
+        (a, b), labels = self.outputs(model, loader, accelerator)
+        sims = paired_similarity(torch.from_numpy(a), torch.from_numpy(b), self.cfg.similarity.value).numpy()
+        return correlation_metrics(sims, labels, split), None
+
+
+class Retrieve(Task):
+    target = "none"
+    joint = False
+    has_head = False
+    loss_family = "triplet"
+    default_loss = {"_target_": "runner.losses.MultipleNegativesRanking"}
+    metric_names = ("triplet_accuracy", "mrr_at_10", "recall_at_1", "recall_at_10", "ndcg_at_10")
+
+    def num_outputs(self, label_names):
+        return None
+
+    def evaluate(self, model, loader, accelerator, split, label_names, text_ids=None):
+        from runner.evaluate import retrieval_metrics
+
+        columns, _ = self.outputs(model, loader, accelerator)
+        return retrieval_metrics(columns, text_ids, self.cfg.similarity.value, split), None
+
+
+def scale_scores(labels: np.ndarray | None, score_range) -> np.ndarray | None:
+    """Map scores from ``task.score_range`` (e.g. [0, 5]) to [0, 1]."""
+    if labels is None or not score_range:
+        return labels
+    low, high = score_range
+    return ((labels - low) / (high - low)).astype(np.float32)
+
+
+def make_task(data_type: DataType, cfg: TaskConfig) -> Task:
+    """The task for a data type, architecture and target (a lookup table, see the module docstring)."""
+    if data_type == DataType.triplet:
+        return Retrieve(cfg)
+    if data_type == DataType.pair and cfg.architecture == Architecture.bi:
+        if cfg.multi_label:
+            raise RunnerError("task.multi_label needs a head: use task.architecture=cross for pairs")
+        return PairSimilarity(cfg)
+    if cfg.target == Target.score:
+        return Regress(cfg)
+    return MultiLabel(cfg) if cfg.multi_label else Classify(cfg)
