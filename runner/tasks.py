@@ -68,7 +68,7 @@ class Task:
 
 class Classify(Task):
     default_loss = {"_target_": "runner.losses.CrossEntropy"}
-    metric_names = ("accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro", "mcc", "loss")
+    metric_names = ("accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro", "mcc", "loss", "f1")
 
     def evaluate(self, model, loader, accelerator, split, label_names, text_ids=None):
         from runner.evaluate import class_report, classification_metrics
