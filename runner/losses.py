@@ -268,7 +268,7 @@ class CachedMultipleNegativesRanking(MultipleNegativesRanking):
         for column, grads in zip(pieces, embedding_grads):
             start = 0
             for piece in column:
-                with states[k]:
+                with states[k], torch.enable_grad():  # backward hooks run with grad mode off
                     emb = model(piece).float()
                 end = start + emb.size(0)
                 emb.backward(grads[start:end] * grad_output)
