@@ -107,16 +107,21 @@ class Regress(Task):
         return correlation_metrics(scores[:, 0], labels, split, mse=True), None
 
 
-class PairSimilarity(Task):
-    target = "score"
+class EmbeddingTask(Task):
+    """No head: the model's output is the sentence embedding; each text column is encoded alone."""
+
     joint = False
     has_head = False
-    loss_family = "pair"
-    default_loss = {"_target_": "runner.losses.CoSENT"}
-    metric_names = ("pearson", "spearman")
 
     def num_outputs(self, label_names):
         return None
+
+
+class PairSimilarity(EmbeddingTask):
+    target = "score"
+    loss_family = "pair"
+    default_loss = {"_target_": "runner.losses.CoSENT"}
+    metric_names = ("pearson", "spearman")
 
     def scale_targets(self, labels):
         return scale_scores(labels, self.cfg.score_range)
@@ -130,16 +135,11 @@ class PairSimilarity(Task):
         return correlation_metrics(sims, labels, split), None
 
 
-class Retrieve(Task):
+class Retrieve(EmbeddingTask):
     target = "none"
-    joint = False
-    has_head = False
     loss_family = "triplet"
     default_loss = {"_target_": "runner.losses.MultipleNegativesRanking"}
     metric_names = ("triplet_accuracy", "mrr_at_10", "recall_at_1", "recall_at_10", "ndcg_at_10")
-
-    def num_outputs(self, label_names):
-        return None
 
     def evaluate(self, model, loader, accelerator, split, label_names, text_ids=None):
         from runner.evaluate import retrieval_metrics
