@@ -133,3 +133,46 @@ def test_real_raw_mrpc_needs_quoting_none():
         load_dataset(config(**common))
     ds = load_dataset(config(**common, quoting="none"))
     assert len(ds.train) + len(ds.validation) == 4076
+
+
+def test_pairs_with_scores_and_bad_score_row(tmp_path):
+    path = write_csv(tmp_path / "p.csv", [("a b", "a c", "4.5"), ("x", "y", "0")], header=("s1", "s2", "score"))
+    ds = load_dataset(config(type="pair", train=str(path), validation=str(path), text_fields=["s1", "s2"],
+                             label_field="score"), target="score")
+    assert ds.train.columns == [["a b", "x"], ["a c", "y"]] and ds.train.labels.tolist() == [4.5, 0.0]
+    assert ds.label_names == []
+    bad = write_csv(tmp_path / "b.csv", [("a", "b", "1"), ("c", "d", "high")], header=("s1", "s2", "score"))
+    with pytest.raises(DataError, match=r"b\.csv: row 3, column 'score': score 'high' is not a number"):
+        load_dataset(config(type="pair", train=str(bad), text_fields=["s1", "s2"], label_field="score"), target="score")
+
+
+def test_pair_needs_two_text_fields_and_names_the_key(tmp_path):
+    path = write_csv(tmp_path / "p.csv", [("a", "b", "1")], header=("q", "d", "label"))
+    with pytest.raises(DataError, match="no column 'sentence1' \\(data.text_fields\\)"):
+        load_dataset(config(type="pair", train=str(path)))
+    with pytest.raises(DataError, match="data.type=pair needs two data.text_fields"):
+        load_dataset(config(type="pair", train=str(path), text_fields=["q"]))
+
+
+def test_triplets_from_jsonl_without_labels(tmp_path):
+    path = tmp_path / "t.jsonl"
+    rows = [{"anchor": f"a{i}", "positive": f"p{i}", "negative": f"n{i}"} for i in range(10)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    ds = load_dataset(config(type="triplet", train=str(path), validation_split=0.2), target="none")
+    assert ds.train.labels is None and len(ds.train) == 8 and len(ds.validation) == 2
+    assert [len(c) for c in ds.train.columns] == [8, 8, 8]
+    no_negative = load_dataset(config(type="triplet", train=str(path), negative_field=None), target="none")
+    assert len(no_negative.train.columns) == 2
+
+
+def test_multi_label_cells_become_multi_hot_rows(tmp_path):
+    path = write_csv(tmp_path / "m.csv", [("x", "sports,news"), ("y", "news"), ("z", "tech")])
+    ds = load_dataset(config(train=str(path), validation=str(path)), target="multi_label")
+    assert ds.label_names == ["news", "sports", "tech"]
+    assert ds.train.labels.tolist() == [[1, 1, 0], [1, 0, 0], [0, 0, 1]]
+
+
+def test_hub_split_names_are_ignored_when_train_is_a_local_file(tmp_path):
+    train = write_csv(tmp_path / "t.csv", make_sentences(20, 0))
+    ds = load_dataset(config(hub="org/some-dataset", train=str(train), validation="dev", test="test"))
+    assert ds.test is None and len(ds.train) + len(ds.validation) == 20  # validation split off train
