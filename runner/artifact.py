@@ -3,9 +3,11 @@
     model/
       runner_model.json   format version, base model, pooling, head shape, label map, tokenization, task
       encoder/            full / head_only: the encoder in Hugging Face format (a head model)
-      (root)              an embedding model (no head) whose pooling sentence-transformers knows: the
-                          encoder and tokenizer at the root plus modules.json, 1_Pooling/, 2_Normalize/,
-                          so ``SentenceTransformer(folder)`` loads it and gives the same vectors
+      (root)              a model whose pooling sentence-transformers knows (mean/cls/max/lasttoken on the
+                          last layer, no LoRA): the encoder and tokenizer at the root plus modules.json,
+                          1_Pooling/, 2_Normalize/, and for a cross-encoder a Dense "scores" module, so
+                          ``SentenceTransformer(folder)`` (embedding models) or ``CrossEncoder(folder)``
+                          (cross-encoder pairs) loads it and computes what the runner does
       adapter/            peft: the LoRA adapter in PEFT format (base model referenced in the json)
       base/               peft on a randomly initialised base (model=tiny): the base weights too
       tokenizer/          the tokenizer, Hugging Face format
@@ -35,22 +37,26 @@ ST_POOLING = {  # runner pooling class -> sentence-transformers Pooling mode
 }
 
 
-def sentence_transformers_mode(model: TextModel, is_peft: bool) -> str | None:
-    """The sentence-transformers pooling mode that reproduces this model, or None if there is none."""
+def sentence_transformers_mode(model: TextModel, is_peft: bool, cross_encoder: bool) -> str | None:
+    """The sentence-transformers pooling mode that reproduces this model, or None if there is none
+    (LoRA adapters, layer mixing, or a head on single texts, which sentence-transformers has no class for)."""
     pooling = model.pooling
-    if model.head_outputs is not None or is_peft or pooling.layers != [-1]:
+    if is_peft or pooling.layers != [-1] or (model.head_outputs is not None and not cross_encoder):
         return None
     return ST_POOLING.get(type(pooling).__name__)
 
 
 def save_model(folder: str | Path, model: TextModel, tokenizer, label_names: list, base_model: str | None,
-               text_prefix: str, max_length: int, config_yaml: str | None = None, task: str | None = None) -> Path:
+               text_prefix: str, max_length: int, config_yaml: str | None = None, task: str | None = None,
+               cross_encoder: bool = False) -> Path:
     from peft import PeftModel
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     is_peft = isinstance(model.encoder, PeftModel)
-    st_mode = sentence_transformers_mode(model, is_peft)
+    st_mode = sentence_transformers_mode(model, is_peft, cross_encoder)
+    if st_mode and model.head_outputs is not None:  # CrossEncoder.predict: raw head outputs, no sigmoid
+        model.encoder.config.sentence_transformers = {"activation_fn": "torch.nn.modules.linear.Identity"}
     if is_peft:
         model.encoder.save_pretrained(folder / "adapter")
         if base_model is None:
@@ -127,10 +133,23 @@ def write_sentence_transformers_files(folder: Path, model: TextModel, mode: str,
     if model.pooling.normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
         (folder / "2_Normalize").mkdir(exist_ok=True)
+    if model.head_outputs is not None:  # cross-encoder: the linear head as a Dense module writing "scores"
+        linear, idx = model.head[-1], len(modules)
+        dense = folder / f"{idx}_Dense"
+        dense.mkdir(exist_ok=True)
+        (dense / "config.json").write_text(json.dumps({
+            "in_features": linear.in_features, "out_features": linear.out_features, "bias": True,
+            "activation_function": "torch.nn.modules.linear.Identity",
+            "module_input_name": "sentence_embedding", "module_output_name": "scores"}))
+        save_file({"linear.weight": linear.weight.detach().contiguous(), "linear.bias": linear.bias.detach().contiguous()},
+                  dense / "model.safetensors")
+        modules.append({"idx": idx, "name": str(idx), "path": dense.name, "type": "sentence_transformers.models.Dense"})
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length, "do_lower_case": False}))
     prompts = {"prompts": {"query": text_prefix}, "default_prompt_name": "query"} if text_prefix else {}
-    (folder / "config_sentence_transformers.json").write_text(json.dumps({**prompts, "similarity_fn_name": "cosine"}))
+    kind = {"model_type": "SentenceTransformer", "similarity_fn_name": "cosine", **prompts} if model.head_outputs is None \
+        else {"model_type": "CrossEncoder"}  # its prompts work differently: the prefix is documented in runner_model.json
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(kind))
 
 
 @torch.no_grad()

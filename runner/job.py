@@ -22,7 +22,7 @@ from runner.losses import Loss
 from runner.model import load_tokenizer
 from runner.modes import Mode
 from runner.pooling import Pooling
-from runner.schema import RunConfig
+from runner.schema import DataType, RunConfig
 from runner.tasks import Task
 from runner.tracking import Tracker, default_uri
 
@@ -99,7 +99,8 @@ def save(run: Run, result: FitResult, tokenizer, data: Dataset, folder: Path) ->
     cfg = run.cfg
     base = None if cfg.model.random_init else cfg.model.name_or_path
     artifact.save_model(folder, result.model, tokenizer, data.label_names, base, cfg.model.text_prefix,
-                        cfg.model.max_length, run.config_yaml, task=type(run.task).__name__)
+                        cfg.model.max_length, run.config_yaml, task=type(run.task).__name__,
+                        cross_encoder=run.task.joint and cfg.data.type == DataType.pair)
     log.info("model saved to %s", folder)
 
 

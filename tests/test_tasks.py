@@ -69,12 +69,21 @@ def test_cross_encoder_pair_classification(make_run, pair_files):
     assert meta["head"]["out_features"] == 2 and meta["task"] == "Classify"
 
 
-def test_cross_encoder_regression_on_scores(make_run, pair_files):
+def test_cross_encoder_regression_on_scores_loads_as_a_cross_encoder(make_run, pair_files):
+    from sentence_transformers import CrossEncoder
+
     run = make_run(*pair_overrides(pair_files, "task.architecture=cross", "task.target=score", "task.score_range=[0,5]",
-                                   "data.label_field=score", "objective.metric=val/spearman"))
+                                   "data.label_field=score", "objective.metric=val/spearman", "pooling=cls"))
     job.execute(run)
     mlrun, _ = history(run, "val/spearman")
     assert {"val/pearson", "val/spearman", "val/mse"} <= set(mlrun.data.metrics)
+    folder = Path(run.cfg.output_dir) / "model"
+    model, tokenizer, meta = artifact.load_model(folder)
+    pairs = [("the film was good", "a movie was nice"), ("the plot was awful", "a film was great")]
+    with torch.no_grad():
+        ours = model(tokenizer([a for a, _ in pairs], [b for _, b in pairs], padding=True, return_tensors="pt"))[:, 0]
+    theirs = CrossEncoder(str(folder), device="cpu").predict(pairs, convert_to_tensor=True)
+    torch.testing.assert_close(theirs.float(), ours, atol=1e-5, rtol=0)
 
 
 def test_bi_encoder_cosent_logs_step_zero_and_exports_a_sentence_transformer(make_run, pair_files):
