@@ -57,14 +57,14 @@ def fit_and_evaluate(run, data: Dataset, tokenizer, accelerator, tracker: Tracke
 
     last: dict[str, tuple[dict, dict]] = {}  # split -> (metrics, report) of the latest evaluation
 
-    def evaluate(step: int, splits=("val",), log_to=tracker) -> tuple[dict[str, float], dict]:
+    def evaluate(step: int, splits=("val",)) -> tuple[dict[str, float], dict]:
         metrics, reports = {}, {}
         for split in splits:
             text_ids = encoded[split].text_ids.numpy()
             values, reports[split] = task.evaluate(model, eval_loaders[split], accelerator, split, data.label_names, text_ids)
             metrics.update(values)
             last[split] = (values, reports[split])
-        log_to.log_metrics(metrics, step)
+        tracker.log_metrics(metrics, step)
         log.info("step %d: %s", step, format_metrics(metrics))
         return metrics, reports
 
