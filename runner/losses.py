@@ -204,8 +204,9 @@ class MultipleNegativesRanking(TripletLoss):
     """InfoNCE with in-batch negatives (MNRL): anchor i must pick its positive among every positive and
     hard negative in the batch: ``CE(scale * cos(a_i, [p_1..p_n, n_1..n_n]), target = i)``.
 
-    A candidate whose text equals anchor i's positive (a duplicate in the batch) is masked out instead
-    of being counted as a negative.
+    Duplicates are masked out instead of being counted as negatives: a candidate whose text equals
+    anchor i's positive, and the positive of any other row whose anchor text equals anchor i's (data
+    built by grouping on the anchor, as SNLI triplets are, repeats anchors within a batch).
     Example: ``python -m runner data=snli_triplets loss=mnrl loss.scale=20``
     """
 
@@ -221,8 +222,10 @@ class MultipleNegativesRanking(TripletLoss):
         scores = similarity_matrix(anchor, candidates, self.similarity) * self.scale  # (n, n * (k - 1))
         n = anchor.size(0)
         target = torch.arange(n, device=anchor.device)
-        candidate_ids = text_ids[1:].reshape(-1).to(anchor.device)  # positives then negatives
-        duplicate = candidate_ids[None, :] == text_ids[1].to(anchor.device)[:, None]
+        ids = text_ids.to(anchor.device)
+        candidate_ids = ids[1:].reshape(-1)  # positives then negatives
+        duplicate = candidate_ids[None, :] == ids[1][:, None]
+        duplicate[:, :n] |= ids[0][None, :] == ids[0][:, None]  # positives of rows with the same anchor
         duplicate[target, target] = False  # the true positive stays
         return F.cross_entropy(scores.masked_fill(duplicate, float("-inf")), target)
 

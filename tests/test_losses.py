@@ -100,6 +100,12 @@ def test_mnrl_in_batch_negatives_and_duplicate_masking():
     expected = sum(-scores[i][i] + math.log(sum(math.exp(scores[i][j]) for j in kept[i])) for i in range(2)) / 2
     close(L.MultipleNegativesRanking(scale=scale).compute([a, p, n], dup), expected)
 
+    # both rows have the same anchor text: each row's positive is a positive of the other, not a negative
+    same_anchor = torch.tensor([[0, 0], [2, 3], [4, 5]])
+    kept = [[0, 2, 3], [1, 2, 3]]
+    expected = sum(-scores[i][i] + math.log(sum(math.exp(scores[i][j]) for j in kept[i])) for i in range(2)) / 2
+    close(L.MultipleNegativesRanking(scale=scale).compute([a, p, n], same_anchor), expected)
+
 
 def test_triplet_margin_cosine_and_euclidean():
     a, p, n = unit([1, 0]), unit([1, 1]), unit([0, 1])
