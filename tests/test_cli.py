@@ -47,3 +47,35 @@ def test_a_data_error_is_one_message_and_a_nonzero_exit(tmp_path):
     assert out.returncode == 1
     assert f"error: {path}: row 8, column 'text' is empty" in out.stdout + out.stderr
     assert "Traceback" not in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_mlflow_ui_command_serves_the_store(tmp_path):
+    """`mlflow ui --backend-store-uri sqlite:///outputs/mlflow.db` from the README, on a store a run wrote."""
+    import socket
+    import time
+    import urllib.request
+
+    from runner.tracking import Tracker
+
+    (tmp_path / "outputs").mkdir()
+    Tracker(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}", "runner").start("a-run").finish()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(["mlflow", "ui", "--backend-store-uri", "sqlite:///outputs/mlflow.db", "--port", str(port)],
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body, deadline = None, time.time() + 120
+        while body is None and time.time() < deadline:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/search",
+                                                 data=b'{"max_results": 10}', headers={"Content-Type": "application/json"})
+                body = json.loads(urllib.request.urlopen(request, timeout=5).read())
+            except OSError:
+                time.sleep(2)
+        assert body is not None, "mlflow ui did not answer within 2 minutes"
+        assert "runner" in {e["name"] for e in body["experiments"]}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
