@@ -6,7 +6,8 @@
 - ``n_trials`` is the study's target, not a count to add each time: a study that already has N
   finished trials runs ``n_trials - N`` more (a re-run of a finished study runs none);
 - trials left RUNNING by a killed sweep are marked FAIL before resuming (they can never report);
-  this assumes no other worker is running the same study at that moment;
+  this assumes no other worker is running the same study at that moment; the sampler is reseeded, so
+  the resumed search does not draw the already evaluated points again;
 - the trials asked per batch follow the launcher's parallelism (``hydra.launcher.n_jobs`` of the
   joblib launcher), so two workers get two trials at a time;
 - ``max_failure_rate`` applies to the whole search, not to each batch: with one trial per batch the
@@ -49,6 +50,10 @@ class ResumableOptunaSweeper(OptunaSweeper):
             if done:
                 log.info("study %s has %d finished trials; running %d more to reach n_trials=%d",
                          impl.study_name, done, max(impl.n_trials - done, 0), impl.n_trials)
+                # a seeded sampler restarts its random stream in a new process: without a new seed the
+                # resumed search would draw the points it already evaluated
+                if hasattr(impl.sampler, "reseed_rng"):
+                    impl.sampler.reseed_rng()
             impl.n_trials = max(impl.n_trials - done, 0)
         try:
             return impl.sweep(arguments)

@@ -109,8 +109,11 @@ def test_optuna_search_sweep_trials_folds_and_resume(sweep):
     # a trial left RUNNING by a killed sweep, then the same command with a target of 3 trials
     study.ask()
     sweep(*optuna_args(storage, 3), name="second")
-    states = [t.state.name for t in optuna.load_study(study_name="test-head_lr", storage=storage).trials]
+    trials = optuna.load_study(study_name="test-head_lr", storage=storage).trials
+    states = [t.state.name for t in trials]
     assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1 and "RUNNING" not in states
+    lrs = [t.params["train.head_lr"] for t in trials if t.state.name == "COMPLETE"]
+    assert len(set(lrs)) == 3  # the resumed search drew a new point, not the first trial's again
     parents, kids = tree(sweep.uri)
     assert len(parents) == 1 and len(kids[parents[0].info.run_id]) == 3  # one study, one parent
     assert parents[0].info.status == "FINISHED"
