@@ -65,6 +65,7 @@ class MLflowSweepCallback(Callback):
         if found:  # a resumed Optuna study: same parent, back to RUNNING
             self.tracker.client, self.tracker.run_id = client, found[0].info.run_id
             client.update_run(self.tracker.run_id, status="RUNNING")
+            close_stale_runs(client, experiment_id, self.tracker.run_id)
             log.info("resuming sweep run %s (%s)", found[0].info.run_name, key)
         else:
             name = Path(config.hydra.sweeper.get("study_name") or sweep_dir.name).name
@@ -102,6 +103,16 @@ class MLflowSweepCallback(Callback):
         if self.tracker is not None and not self.finished:
             self.finished = True
             self.tracker.finish(status)
+
+
+def close_stale_runs(client, experiment_id: str, parent_id: str) -> None:
+    """Trials (and their folds) left RUNNING under a resumed sweep were killed with it: mark them KILLED."""
+    stale = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and "
+                               "attributes.status = 'RUNNING'")
+    for run in stale:
+        close_stale_runs(client, experiment_id, run.info.run_id)
+        client.set_terminated(run.info.run_id, status="KILLED")
+        log.warning("run %s was left running by an interrupted sweep: marked KILLED", run.info.run_name)
 
 
 def record_failure(config: DictConfig, parent: dict[str, str], job_return: Any) -> None:

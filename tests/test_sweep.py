@@ -106,8 +106,11 @@ def test_optuna_search_sweep_trials_folds_and_resume(sweep):
     assert (sweep.dir / "first" / "optimization_results.yaml").exists()
     assert len(pd.read_csv(sweep.dir / "first" / "trials.csv")) == 2
 
-    # a trial left RUNNING by a killed sweep, then the same command with a target of 3 trials
+    # a trial left RUNNING by a killed sweep (in Optuna and MLflow), then the same command, target 3 trials
     study.ask()
+    client, _ = runs_of(sweep.uri)
+    killed = client.create_run(parent.info.experiment_id, run_name="killed-trial",
+                               tags={"mlflow.parentRunId": parent.info.run_id})
     sweep(*optuna_args(storage, 3), name="second")
     trials = optuna.load_study(study_name="test-head_lr", storage=storage).trials
     states = [t.state.name for t in trials]
@@ -115,8 +118,10 @@ def test_optuna_search_sweep_trials_folds_and_resume(sweep):
     lrs = [t.params["train.head_lr"] for t in trials if t.state.name == "COMPLETE"]
     assert len(set(lrs)) == 3  # the resumed search drew a new point, not the first trial's again
     parents, kids = tree(sweep.uri)
-    assert len(parents) == 1 and len(kids[parents[0].info.run_id]) == 3  # one study, one parent
+    children = kids[parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 4  # one study, one parent: 3 trials + the killed one
     assert parents[0].info.status == "FINISHED"
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
 
 
 FAILING_SEARCH = """# @package _global_
