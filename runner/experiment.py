@@ -41,9 +41,9 @@ def fit_and_evaluate(run, data: Dataset, tokenizer, accelerator, tracker: Tracke
                                       cfg.model.text_prefix, joint=task.joint and len(split.columns) == 2)
                for name, split in (("train", data.train), ("val", data.validation), ("test", data.test)) if split}
     eval_bs = train_cfg.eval_batch_size or 2 * train_cfg.batch_size
+    grouped = train_cfg.group_by_length if train_cfg.group_by_length is not None else task.loss_family == "logits"
     train_loader = batching.make_loader(encoded.pop("train"), tokenizer, train_cfg.batch_size, train=True,
-                                        seed=train_cfg.seed, group_by_length=train_cfg.group_by_length,
-                                        workers=cfg.hardware.num_workers)
+                                        seed=train_cfg.seed, group_by_length=grouped, workers=cfg.hardware.num_workers)
     eval_loaders = {k: batching.make_loader(v, tokenizer, eval_bs, train=False) for k, v in encoded.items()}
 
     model = build_model(run, len(tokenizer), task.num_outputs(data.label_names))

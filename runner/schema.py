@@ -198,7 +198,9 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps between evaluations; 0 = once per epoch
     log_every: int = 10  # optimizer steps between train/loss logs
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    group_by_length: bool = True
+    # null = auto: length-grouped batches for head models (far less padding), random batches for
+    # embedding losses that compare the examples of a batch (CoSENT, MNRL), which grouping narrows
+    group_by_length: bool | None = None
     gradient_checkpointing: bool = False
     head_dropout: float = 0.1
     seed: int = 42

@@ -188,3 +188,21 @@ def test_correlation_and_multilabel_metrics():
     m = multilabel_metrics(logits, labels, 0.5, "val")
     assert m["val/f1_micro"] == pytest.approx(2 * 3 / (2 * 3 + 0 + 1))  # tp 3, fp 0, fn 1
     assert m["val/f1_macro"] == pytest.approx((1.0 + 2 / 3) / 2) and m["val/exact_match"] == pytest.approx(2 / 3)
+
+
+def test_batches_are_length_grouped_for_heads_and_random_for_in_batch_losses(make_run, pair_files, monkeypatch):
+    from runner import batching
+
+    seen = []
+    real = batching.make_loader
+    monkeypatch.setattr(batching, "make_loader", lambda *a, **kw: seen.append(kw.get("group_by_length")) or real(*a, **kw))
+    common = ("task.target=score", "task.score_range=[0,5]", "data.label_field=score", "objective.metric=val/spearman",
+              "train.max_steps=1", "save_model=false")
+    for architecture, grouped in (("cross", True), ("bi", False)):
+        seen.clear()
+        run = make_run(*pair_overrides(pair_files, f"task.architecture={architecture}", *common))
+        job.execute(run)
+        assert seen[0] is grouped  # the training loader; evaluation loaders are always sorted by length
+    seen.clear()
+    job.execute(make_run(*pair_overrides(pair_files, "task.architecture=bi", "train.group_by_length=true", *common)))
+    assert seen[0] is True
