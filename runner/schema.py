@@ -196,6 +196,7 @@ class TrainConfig:
     warmup_ratio: float = 0.0
     max_grad_norm: float = 1.0
     eval_every: int = 0  # optimizer steps between evaluations; 0 = once per epoch
+    eval_at_start: bool = True  # score the untrained model (step 0), so MLflow shows the gain from training
     log_every: int = 10  # optimizer steps between train/loss logs
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     # null = auto: length-grouped batches for head models (far less padding), random batches for
