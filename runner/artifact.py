@@ -152,23 +152,21 @@ def write_sentence_transformers_files(folder: Path, model: TextModel, mode: str,
     (folder / "config_sentence_transformers.json").write_text(json.dumps(kind))
 
 
+def tokenized(tokenizer, meta: dict, texts: list[str], batch_size: int):
+    """Raw texts in padded batches, tokenized as at training time (prefix, max length)."""
+    for i in range(0, len(texts), batch_size):
+        chunk = [meta["text_prefix"] + t for t in texts[i : i + batch_size]]
+        yield tokenizer(chunk, padding=True, truncation=True, max_length=meta["max_length"], return_tensors="pt")
+
+
 @torch.no_grad()
 def embed_texts(model: TextModel, tokenizer, meta: dict, texts: list[str], batch_size: int = 64) -> torch.Tensor:
     """Sentence embeddings (pooling and normalize included) of raw texts, as the runner computes them."""
-    out = []
-    for i in range(0, len(texts), batch_size):
-        chunk = [meta["text_prefix"] + t for t in texts[i : i + batch_size]]
-        batch = tokenizer(chunk, padding=True, truncation=True, max_length=meta["max_length"], return_tensors="pt")
-        out.append(model.embed(batch))
-    return torch.cat(out)
+    return torch.cat([model.embed(batch) for batch in tokenized(tokenizer, meta, texts, batch_size)])
 
 
 @torch.no_grad()
 def predict_labels(model: TextModel, tokenizer, meta: dict, texts: list[str], batch_size: int = 64) -> list:
     """Original label values (from the saved label map) for raw texts."""
-    out = []
-    for i in range(0, len(texts), batch_size):
-        chunk = [meta["text_prefix"] + t for t in texts[i : i + batch_size]]
-        batch = tokenizer(chunk, padding=True, truncation=True, max_length=meta["max_length"], return_tensors="pt")
-        out += model(batch).argmax(-1).tolist()
-    return [meta["labels"][i] for i in out]
+    ids = [i for batch in tokenized(tokenizer, meta, texts, batch_size) for i in model(batch).argmax(-1).tolist()]
+    return [meta["labels"][i] for i in ids]

@@ -46,11 +46,12 @@ class Task:
         """Model outputs per text column (logits, or embeddings) and targets, in dataset order."""
         was_training = model.training
         model.eval()
-        columns, labels, index = None, [], []
+        columns, labels, index, has_labels = None, [], [], False
         for batch in loader:
+            has_labels = "labels" in batch  # triplets have none: their positives are the targets
             outs = [model(f).float() for f in (batch["features"][:1] if self.has_head else batch["features"])]
-            gathered = accelerator.gather_for_metrics((outs, batch.get("labels", batch["index"]), batch["index"]))
-            outs, y, i = gathered
+            outs, y, i = accelerator.gather_for_metrics(
+                (outs, batch["labels"] if has_labels else batch["index"], batch["index"]))
             columns = [[] for _ in outs] if columns is None else columns
             for store, out in zip(columns, outs):
                 store.append(out.cpu())
@@ -59,7 +60,7 @@ class Task:
         model.train(was_training)
         order = torch.cat(index).argsort()
         columns = [torch.cat(c)[order].numpy() for c in columns]
-        return columns, (torch.cat(labels)[order].numpy() if "labels" in batch else None)
+        return columns, (torch.cat(labels)[order].numpy() if has_labels else None)
 
     def evaluate(self, model, loader, accelerator, split: str, label_names: list, text_ids=None):
         """(metrics keyed ``split/name``, per-class report or None)."""
