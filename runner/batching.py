@@ -87,22 +87,32 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
 
     Shuffle, cut into mega-batches of ``group`` batches, sort each by length, split into batches and
     shuffle the batches. Without ``shuffle`` (evaluation) batches are simply sorted by length.
+    The order of an epoch is a pure function of ``(seed, epoch)``; the training loop positions the
+    sampler with :meth:`start` before every pass, so a resumed run replays the same order and skips
+    the batches the killed run had already consumed.
     """
 
     def __init__(self, lengths: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0, group: int = 50):
         self.lengths, self.batch_size, self.shuffle, self.seed, self.group = lengths, batch_size, shuffle, seed, group
-        self.epoch = 0  # advanced at every pass; part of the loop state a checkpoint will save
+        self.epoch, self.skip = 0, 0
+
+    def start(self, epoch: int, skip: int = 0) -> None:
+        """The next pass yields epoch ``epoch``'s batches from number ``skip`` on."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        if not self.shuffle:
-            order = np.argsort(-self.lengths, kind="stable")
-            yield from (order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size))
-            return
-        rng = np.random.default_rng(self.seed + self.epoch)
-        self.epoch += 1
+        batches = self.batches() if self.shuffle else self.sorted_batches()
+        yield from batches[self.skip :]
+
+    def sorted_batches(self) -> list[list[int]]:
+        order = np.argsort(-self.lengths, kind="stable")
+        return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+
+    def batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.lengths))
         mega = self.batch_size * self.group
         batches = []
@@ -110,27 +120,30 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
             chunk = order[start : start + mega]
             chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
             batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
-        for b in rng.permutation(len(batches)):
-            yield batches[b]
+        return [batches[b] for b in rng.permutation(len(batches))]
 
 
 class RandomBatches(LengthGroupedBatches):
     """Plain shuffled batches (``train.group_by_length=false``), for comparison and benchmarks."""
 
-    def __iter__(self) -> Iterator[list[int]]:
-        rng = np.random.default_rng(self.seed + self.epoch)
-        self.epoch += 1
-        order = rng.permutation(len(self.lengths))
-        yield from (order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size))
+    def batches(self) -> list[list[int]]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths))
+        return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
 
 
 def make_loader(
     data: Encoded, tokenizer, batch_size: int, train: bool, seed: int = 0, group_by_length: bool = True, workers: int = 0
 ) -> DataLoader:
+    """A loader over ``data``; its batch sampler is ``loader.batch_sampler`` (positioned by the loop).
+
+    The loader gets a generator of its own: PyTorch draws a seed for every pass over a loader, and from
+    the global generator that would shift every dropout mask after a resumed pass.
+    """
     sampler_cls = LengthGroupedBatches if (group_by_length or not train) else RandomBatches
     sampler = sampler_cls(data.lengths, batch_size, shuffle=train, seed=seed)
     collate = Collator(data, tokenizer.pad_token_id, tokenizer.padding_side)
-    return DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
+    return DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def padding_ratio(loader: DataLoader) -> float:

@@ -8,15 +8,20 @@ model. Every fold is a nested MLflow run tagged ``fold=i``; the job's run gets `
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
+from runner import runfolder
+from runner.artifact import save_trained
 from runner.data import Dataset
 from runner.errors import RunnerError
-from runner.experiment import fit_and_evaluate
+from runner.experiment import FitResult, fit_and_evaluate
 from runner.schema import CVConfig, Direction, KeepModels
+from runner.signals import Interrupted
+from runner.spec import Run
 from runner.tracking import Tracker
 
 log = logging.getLogger("runner")
@@ -65,10 +70,12 @@ def aggregate(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def cross_validate(run, data: Dataset, tokenizer, accelerator, tracker: Tracker, out: Path) -> dict:
-    """Train and evaluate one model per fold; returns the job summary (objective = fold mean)."""
-    from runner.job import save
+def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tracker, out: Path) -> dict:
+    """Train and evaluate one model per fold; returns the job summary (objective = fold mean).
 
+    Each fold works in ``out/folds/fold-i``: its checkpoints while it trains, ``result.json`` once it
+    has finished. A resumed job reuses finished folds and resumes the fold that was interrupted.
+    """
     cfg = run.cfg
     folds = make_folds(data.train.labels, cfg.cv, len(data.train))
     chosen = range(cfg.cv.folds) if cfg.cv.only_fold is None else [cfg.cv.only_fold]
@@ -77,34 +84,59 @@ def cross_validate(run, data: Dataset, tokenizer, accelerator, tracker: Tracker,
     sign = 1 if cfg.objective.direction == Direction.maximize else -1
     rows, reports, best = [], {}, None
     for i in chosen:
-        train_idx, held_idx = folds[i]
-        log.info("fold %d/%d: %d train, %d validation", i + 1, cfg.cv.folds, len(train_idx), len(held_idx))
-        fold_data = Dataset(data.train.subset(train_idx), data.train.subset(held_idx), data.test, data.label_names)
-        child = tracker.child(f"fold-{i}", tags={**run.choices, "fold": str(i)})
-        try:
-            result = fit_and_evaluate(run, fold_data, tokenizer, accelerator, child)
-        except BaseException:
-            child.finish("FAILED")
-            raise
-        child.finish("FINISHED")
-        rows.append({"fold": i, **result.metrics})
-        reports[f"fold-{i}"] = result.reports
-        value = result.metrics[cfg.objective.metric]
-        if accelerator.is_main_process and cfg.save_model:
-            if cfg.cv.keep_models == KeepModels.all:
-                save(run, result, tokenizer, data, out / "folds" / f"fold-{i}" / "model")
-            elif cfg.cv.keep_models == KeepModels.best and (best is None or sign * value > sign * best):
-                save(run, result, tokenizer, data, out / "model")  # overwritten by any better fold
+        workdir = out / "folds" / f"fold-{i}"
+        done = workdir / "result.json"
+        if done.exists():
+            log.info("fold %d/%d finished before this run was resumed: reusing its metrics", i + 1, cfg.cv.folds)
+            saved = json.loads(done.read_text())
+            metrics, report = saved["metrics"], saved["reports"]
+        else:
+            result = run_fold(run, i, folds[i], data, tokenizer, accelerator, tracker, workdir)
+            metrics, report = result.metrics, result.reports
+            value = metrics[cfg.objective.metric]
+            if accelerator.is_main_process and cfg.save_model:
+                if cfg.cv.keep_models == KeepModels.all:
+                    save_trained(run, result.model, tokenizer, data.label_names, workdir / "model")
+                elif cfg.cv.keep_models == KeepModels.best and (best is None or sign * value > sign * best):
+                    save_trained(run, result.model, tokenizer, data.label_names, out / "model")
+            if accelerator.is_main_process:  # written last: the fold is finished
+                done.write_text(json.dumps({"metrics": metrics, "reports": report}))
+        rows.append({"fold": i, **metrics})
+        reports[f"fold-{i}"] = report
+        value = metrics[cfg.objective.metric]
         best = value if best is None or sign * value > sign * best else best
     stats = aggregate(rows)
     tracker.log_metrics(stats)
-    write_fold_table(rows, out / "folds.csv")
-    tracker.log_artifact(out / "folds.csv")
+    if accelerator.is_main_process:
+        write_fold_table(rows, out / "folds.csv")
+        tracker.log_artifact(out / "folds.csv")
     metric = cfg.objective.metric
     log.info("cv: %s", "  ".join(f"{n}={stats[f'cv/{n}_mean']:.4f}±{stats[f'cv/{n}_std']:.4f}"
                                   for n in rows[0] if n != "fold" and n.startswith("val/")))
     return {"objective": {"metric": f"cv/{metric}_mean", "value": stats[f"cv/{metric}_mean"]},
             "metrics": stats, "folds": rows, "reports": reports}
+
+
+def run_fold(run: Run, i: int, split: tuple[np.ndarray, np.ndarray], data: Dataset, tokenizer, accelerator,
+             tracker: Tracker, workdir: Path) -> FitResult:
+    """One fold as a nested MLflow run (continued when the fold is resumed)."""
+    train_idx, held_idx = split
+    log.info("fold %d/%d: %d train, %d validation", i + 1, run.cfg.cv.folds, len(train_idx), len(held_idx))
+    fold_data = Dataset(data.train.subset(train_idx), data.train.subset(held_idx), data.test, data.label_names)
+    resume_id = runfolder.previous_run_id(workdir) if run.cfg.train.resume != "never" else None
+    child = tracker.child(f"fold-{i}", tags={**run.choices, "fold": str(i)}, resume_id=resume_id)
+    if accelerator.is_main_process:
+        runfolder.record_run_id(workdir, child.run_id)
+    try:
+        result = fit_and_evaluate(run, fold_data, tokenizer, accelerator, child, workdir)
+    except (Interrupted, KeyboardInterrupt) as stop:
+        child.finish("KILLED", str(stop) or "interrupted")
+        raise
+    except BaseException as err:
+        child.finish("FAILED", f"{type(err).__name__}: {err}")
+        raise
+    child.finish("FINISHED")
+    return result
 
 
 def write_fold_table(rows: list[dict], path: Path) -> None:

@@ -7,19 +7,23 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from runner import batching
+from runner import batching, checkpoint
 from runner.data import Dataset
 from runner.distill import Distillation, make_teacher
+from runner.errors import RunnerError
 from runner.model import TextModel, load_encoder
 from runner.schema import Direction
+from runner.spec import Run
 from runner.tracking import Tracker
-from runner.train import fit
+from runner.train import Events, LoopParts, TrainState, fit, total_steps
 
 log = logging.getLogger("runner")
 
@@ -34,8 +38,12 @@ class FitResult:
     best: float | None = None  # best value of the monitored val/* metric during training
 
 
-def fit_and_evaluate(run, data: Dataset, tokenizer, accelerator, tracker: Tracker) -> FitResult:
-    """Build a fresh model, train it on ``data.train`` and evaluate on validation (and test)."""
+def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tracker, workdir: Path) -> FitResult:
+    """Build a fresh model, train it on ``data.train`` and evaluate on validation (and test).
+
+    Checkpoints go to ``workdir/checkpoints``; with ``train.resume`` a whole one found there (or named)
+    is restored, and training continues from its step as if it had never stopped.
+    """
     cfg, train_cfg, task = run.cfg, run.cfg.train, run.task
     encoded = {name: batching.Encoded(tokenizer, split.columns, task.scale_targets(split.labels), cfg.model.max_length,
                                       cfg.model.text_prefix, joint=task.joint and len(split.columns) == 2)
@@ -44,50 +52,90 @@ def fit_and_evaluate(run, data: Dataset, tokenizer, accelerator, tracker: Tracke
     grouped = train_cfg.group_by_length if train_cfg.group_by_length is not None else task.loss_family == "logits"
     train_loader = batching.make_loader(encoded.pop("train"), tokenizer, train_cfg.batch_size, train=True,
                                         seed=train_cfg.seed, group_by_length=grouped, workers=cfg.hardware.num_workers)
+    sampler = train_loader.batch_sampler  # accelerate keeps this object: the loop positions it every epoch
     eval_loaders = {k: batching.make_loader(v, tokenizer, eval_bs, train=False) for k, v in encoded.items()}
 
     model = build_model(run, len(tokenizer), task.num_outputs(data.label_names))
     loss_fn = make_loss(run, model, data)
     # fused AdamW: one kernel per step instead of a loop over tensors (the Hugging Face Trainer's default too)
     optimizer = torch.optim.AdamW(param_groups(model, train_cfg.lr, train_cfg.head_lr, train_cfg.weight_decay), fused=True)
-    total = train_cfg.max_steps if train_cfg.max_steps > 0 else train_cfg.epochs * math.ceil(len(train_loader) / train_cfg.grad_accum)
-    scheduler = make_scheduler(train_cfg.scheduler.value, optimizer, total, train_cfg.warmup_ratio)
+    scheduler = make_scheduler(train_cfg.scheduler.value, optimizer, total_steps(train_cfg, len(train_loader)),
+                               train_cfg.warmup_ratio)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     loss_fn.to(accelerator.device)  # not prepared: it holds no trained weights (a teacher is frozen)
     eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
+    parts = LoopParts(model, loss_fn, train_loader, sampler, optimizer, scheduler, accelerator)
 
-    last: dict[str, tuple[dict, dict]] = {}  # split -> (metrics, report) of the latest evaluation
+    last: dict[str, tuple[int, dict, dict]] = {}  # split -> (step, metrics, report) of the latest evaluation
 
-    def evaluate(step: int, splits=("val",)) -> tuple[dict[str, float], dict]:
-        metrics, reports = {}, {}
+    def evaluate(step: int, splits=("val",)) -> dict[str, float]:
+        metrics = {}
         for split in splits:
             text_ids = encoded[split].text_ids.numpy()
-            values, reports[split] = task.evaluate(model, eval_loaders[split], accelerator, split, data.label_names, text_ids)
+            values, report = task.evaluate(model, eval_loaders[split], accelerator, split, data.label_names, text_ids)
             metrics.update(values)
-            last[split] = (values, reports[split])
+            last[split] = (step, values, report)
         tracker.log_metrics(metrics, step)
         log.info("step %d: %s", step, format_metrics(metrics))
-        return metrics, reports
+        return metrics
 
-    if train_cfg.eval_at_start:
+    roots = workdir / "checkpoints"
+    meta = {"fingerprint": run.fingerprint(), "config_hash": run.config_hash(), "mlflow_run_id": tracker.run_id}
+
+    def save_checkpoint(state: TrainState):
+        if not accelerator.is_main_process:
+            return None
+        folder = checkpoint.save(roots, state, parts, meta)
+        checkpoint.prune(roots, train_cfg.keep_checkpoints, state.best_step if state.best is not None else None)
+        return folder
+
+    state = TrainState(sampler_seed=train_cfg.seed)
+    start = resume_point(train_cfg.resume, roots)
+    if start is not None:
+        checkpoint.restore(start, state, parts, meta["fingerprint"])
+        log.info("resuming from %s: step %d, epoch %d, batch %d of the epoch", start, state.step, state.epoch, state.batch)
+    elif train_cfg.eval_at_start:
         evaluate(0, tuple(eval_loaders))  # the untrained model: the gain from training is visible in MLflow
     # Model selection looks at validation only: a test/* objective is monitored through its val/* twin.
     monitor = "val/" + cfg.objective.metric.split("/", 1)[1]
     with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
-        state = fit(model, loss_fn, train_loader, optimizer, scheduler, accelerator, train_cfg,
-                    lambda step: evaluate(step)[0], monitor, cfg.objective.direction == Direction.maximize,
-                    tracker.log_metrics)
-    # The final model: the loop's last evaluation already scored it on val, unless early stopping restored
-    # earlier weights; test (and restored val) are scored now.
-    again = tuple(s for s in eval_loaders if s != "val" or state.best_weights is not None)
-    metrics, reports = evaluate(state.step, again) if again else ({}, {})
-    if "val" not in again:
-        metrics, reports = {**last["val"][0], **metrics}, {"val": last["val"][1], **reports}
-    return FitResult(accelerator.unwrap_model(model), metrics, {k: v for k, v in reports.items() if v},
-                     state.best_step, state.step, state.best)
+        fit(parts, state, train_cfg, Events(tracker.log_metrics, evaluate, save_checkpoint), monitor,
+            cfg.objective.direction == Direction.maximize)
+    # The final model is scored on test, and on val unless the loop's last evaluation already scored
+    # these very weights (no early-stopping restore).
+    fresh = state.best_weights is None and last.get("val", (None,))[0] == state.step
+    again = tuple(s for s in eval_loaders if s != "val" or not fresh)
+    if again:
+        evaluate(state.step, again)
+    metrics = {k: v for _, values, _ in last.values() for k, v in values.items()}
+    reports = {split: report for split, (_, _, report) in last.items() if report}
+    if accelerator.is_main_process and not train_cfg.keep_checkpoints_after_run:
+        shutil.rmtree(roots, ignore_errors=True)  # the saved model is what a finished run keeps
+    return FitResult(accelerator.unwrap_model(model), metrics, reports, state.best_step, state.step, state.best)
 
 
-def make_loss(run, model: TextModel, data: Dataset):
+def resume_point(resume: str, roots: Path) -> Path | None:
+    """The checkpoint to start from: ``auto`` the newest whole one in this run folder, ``never`` none,
+    or a named checkpoint folder (or a folder of checkpoints: its newest whole one)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return checkpoint.find_latest(roots)
+    named = Path(resume)
+    if not named.is_dir():
+        raise RunnerError(f"train.resume={resume}: no such folder; give a checkpoint folder, auto or never")
+    if (named / checkpoint.MARKER).exists() or named.name.startswith(checkpoint.PREFIX):
+        problem = checkpoint.verify(named)
+        if problem:
+            raise RunnerError(f"train.resume={resume}: not a usable checkpoint: {problem}")
+        return named
+    found = checkpoint.find_latest(named / "checkpoints" if (named / "checkpoints").is_dir() else named)
+    if found is None:
+        raise RunnerError(f"train.resume={resume}: no whole checkpoint in that folder")
+    return found
+
+
+def make_loss(run: Run, model: TextModel, data: Dataset):
     """The configured loss (or the task's default), prepared on the training targets, with distillation."""
     loss_fn = run.make_loss()
     loss_fn.prepare(data.train.labels)
@@ -97,7 +145,7 @@ def make_loss(run, model: TextModel, data: Dataset):
     return loss_fn
 
 
-def build_model(run, vocab_size: int, num_outputs: int | None) -> TextModel:
+def build_model(run: Run, vocab_size: int, num_outputs: int | None) -> TextModel:
     encoder = load_encoder(run.cfg.model, vocab_size)
     if run.cfg.train.gradient_checkpointing:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -105,7 +153,7 @@ def build_model(run, vocab_size: int, num_outputs: int | None) -> TextModel:
     return TextModel(encoder, run.make_pooling(), num_outputs, run.cfg.train.head_dropout, run.mode.frozen_encoder)
 
 
-def encoder_model(run, name_or_path: str) -> TextModel:
+def encoder_model(run: Run, name_or_path: str) -> TextModel:
     """Another encoder with this run's pooling and no head (a distillation teacher)."""
     from dataclasses import replace
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 import torch
@@ -25,21 +26,86 @@ def load_tokenizer(cfg: ModelConfig):
         )
     except OSError as err:
         raise RunnerError(f"could not load the tokenizer '{source}': {first_line(err)}") from err
+    real = len(tokenizer) - len(set(tokenizer.all_special_ids))
+    if real <= 0:  # transformers builds an empty tokenizer for a folder without tokenizer files
+        raise RunnerError(f"the tokenizer of '{source}' has no vocabulary (only {len(tokenizer)} special tokens): the "
+                          f"folder lacks tokenizer files; set model.tokenizer to a folder or hub id that has them")
     if tokenizer.pad_token is None:  # decoder tokenizers (Qwen, Llama) ship without one
         tokenizer.pad_token = tokenizer.eos_token
     if cfg.padding_side:
-        tokenizer.padding_side = cfg.padding_side
+        tokenizer.padding_side = cfg.padding_side.value
     return tokenizer
+
+
+def load_config(cfg: ModelConfig, vocab_size: int):
+    """The encoder's transformers config: from ``cfg.name_or_path``, or built from ``cfg.random_init``."""
+    from transformers import AutoConfig
+
+    if cfg.random_init:
+        options = dict(cfg.random_init)
+        if "model_type" not in options:
+            raise RunnerError("model.random_init needs a model_type (e.g. bert) besides the config values")
+        try:
+            return AutoConfig.for_model(options.pop("model_type"), vocab_size=vocab_size, **options)
+        except (ValueError, TypeError) as err:
+            raise RunnerError(f"model.random_init: {first_line(err)}") from err
+    name = cfg.name_or_path
+    if not name:
+        raise RunnerError("model.name_or_path must name a local folder or a hub id (or set model.random_init)")
+    if looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise RunnerError(f"model.name_or_path={name}: no such folder (relative paths start from {os.getcwd()})")
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except (OSError, ValueError) as err:
+        raise RunnerError(f"could not load the model '{name}': {first_line(err)}") from err
+
+
+def looks_like_path(name: str) -> bool:
+    """A hub id is 'name' or 'org/name'; anything else with a slash, or starting with . or ~, is a path."""
+    return name.startswith((".", "~", os.sep)) or name.count("/") > 1 or os.path.exists(name)
+
+
+def position_limit(config) -> int | None:
+    """The longest input the encoder's position embeddings allow (RoBERTa-style models offset by pad + 1)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and config.model_type in OFFSET_POSITIONS:
+        limit -= (config.pad_token_id or 0) + 1
+    return limit
+
+
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet"}
+
+
+def check_layers(layers, available: int) -> None:
+    if any(not -available <= i < available for i in layers):
+        raise RunnerError(
+            f"pooling.layers={list(layers)} but this encoder has {available} hidden states "
+            f"(embeddings + {available - 1} layers): use indices from {-available} to {available - 1}"
+        )
+
+
+def check_model(cfg: ModelConfig, vocab_size: int, mode, layers) -> None:
+    """Everything about the model that can be wrong, checked on its config and a weightless skeleton
+    before any run opens: the path, max_length against the positions, pooling layers, the mode's targets."""
+    from transformers import AutoModel
+
+    config = load_config(cfg, vocab_size)
+    limit = position_limit(config)
+    if limit and cfg.max_length > limit:
+        raise RunnerError(f"model.max_length={cfg.max_length} but this encoder takes at most {limit} tokens: "
+                          f"set model.max_length to {limit} or less")
+    check_layers(layers, config.num_hidden_layers + 1)
+    with torch.device("meta"):  # module names and shapes only: no memory, no weights read
+        skeleton = AutoModel.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    mode.check(skeleton)
 
 
 def load_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     """The pretrained encoder of ``cfg.name_or_path``, or a random one built from ``cfg.random_init``."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
     if cfg.random_init:
-        options = dict(cfg.random_init)
-        config = AutoConfig.for_model(options.pop("model_type"), vocab_size=vocab_size, **options)
-        encoder = AutoModel.from_config(config)
+        encoder = AutoModel.from_config(load_config(cfg, vocab_size))
     elif not cfg.name_or_path:
         raise RunnerError("model.name_or_path must name a local folder or a hub id (or set model.random_init)")
     else:
@@ -72,12 +138,7 @@ class TextModel(nn.Module):
         frozen_encoder: bool = False,
     ) -> None:
         super().__init__()
-        available = encoder.config.num_hidden_layers + 1  # hidden states: embeddings, then each layer
-        if any(not -available <= i < available for i in pooling.layers):
-            raise RunnerError(
-                f"pooling.layers={pooling.layers} but this encoder has {available} hidden states "
-                f"(embeddings + {available - 1} layers): use indices from {-available} to {available - 1}"
-            )
+        check_layers(pooling.layers, encoder.config.num_hidden_layers + 1)  # embeddings, then each layer
         self.encoder = encoder
         self.pooling = pooling
         self.frozen_encoder = frozen_encoder

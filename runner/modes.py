@@ -36,6 +36,9 @@ class Mode:
 
     frozen_encoder = False
 
+    def check(self, encoder: nn.Module) -> None:
+        """Raise a RunnerError if this mode cannot be applied to ``encoder`` (a weightless skeleton)."""
+
     def apply(self, encoder: nn.Module) -> nn.Module:
         raise NotImplementedError
 
@@ -54,7 +57,14 @@ class Full(Mode):
     """Train every encoder weight, except the embeddings and bottom ``freeze_layers`` layers if set."""
 
     def __init__(self, freeze_layers: int = 0) -> None:
+        if freeze_layers < 0:
+            raise RunnerError(f"mode.freeze_layers={freeze_layers} must be 0 or more")
         self.freeze_layers = freeze_layers
+
+    def check(self, encoder: nn.Module) -> None:
+        if self.freeze_layers > 0 and self.freeze_layers > len(transformer_blocks(encoder)):
+            raise RunnerError(f"mode.freeze_layers={self.freeze_layers} but the encoder has "
+                              f"{len(transformer_blocks(encoder))} layers")
 
     def apply(self, encoder: nn.Module) -> nn.Module:
         if self.freeze_layers > 0:
@@ -78,6 +88,8 @@ class Lora(Mode):
     def __init__(
         self, r: int = 8, alpha: int = 16, dropout: float = 0.1, target_modules: Sequence[str] | None = None
     ) -> None:
+        if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
+            raise RunnerError(f"mode: r={r} must be at least 1, alpha={alpha} positive, dropout={dropout} in [0, 1)")
         self.r, self.alpha, self.dropout = r, alpha, dropout
         self.target_modules = list(target_modules) if target_modules else None
 
@@ -92,6 +104,16 @@ class Lora(Mode):
                 f"its linear layers: {linear}"
             )
         return LORA_TARGETS[family]
+
+    def check(self, encoder: nn.Module) -> None:
+        """Every target must name some linear layer: peft would silently skip a misspelled one."""
+        targets = self.targets_for(encoder)
+        names = [n for n, m in encoder.named_modules() if isinstance(m, nn.Linear)]
+        unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if unmatched:
+            linear = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise RunnerError(f"mode.target_modules: {unmatched} match no linear layer of this "
+                              f"{getattr(encoder.config, 'model_type', 'encoder')}; its linear layers are {linear}")
 
     def apply(self, encoder: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model

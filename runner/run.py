@@ -1,21 +1,27 @@
 """Entry point: ``python -m runner`` (or the ``runner`` console script) composes ``conf/`` and runs it.
 
 This is the only module that touches ``DictConfig``: it turns the composed config into a typed
-:class:`runner.job.Run` and hands it to the generic executor. Heavy imports (torch, transformers,
+:class:`runner.spec.Run` and hands it to the generic executor. Heavy imports (torch, transformers,
 mlflow) wait until Hydra has composed, so config errors are reported at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from runner import schema  # noqa: F401  (registers the typed schemas and the ${pkg:} resolver)
+
+if TYPE_CHECKING:
+    from runner.spec import Run
 
 log = logging.getLogger("runner")
 TARGETS = ["runner.*"]  # what a config's _target_ may name (Hydra 1.4's execution whitelist)
@@ -29,41 +35,69 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
+    """Exit codes (``python -m runner``): 0 done; 1 an input the runner cannot honour (config, data,
+    model, run folder: one line says what and how to fix it); 3 the loss diverged (NaN/inf);
+    128 + N stopped by signal N after a checkpoint (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from runner.errors import RunnerError
+    from runner.runfolder import remove_if_unused
+    from runner.signals import Interrupted
 
     hydra_cfg = HydraConfig.get()
+    single = hydra_cfg.mode == RunMode.RUN
     try:
         from runner.job import execute
 
         run = build_run(cfg, dict(hydra_cfg.runtime.choices))
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if not single:
             attach_to_sweep(run, hydra_cfg)
         return execute(run)
     except RunnerError as err:
         log.error("error: %s", err)
-        if hydra_cfg.mode == RunMode.RUN:
-            sys.exit(1)
+        if single:
+            remove_if_unused(Path(hydra_cfg.runtime.output_dir))  # a run that did no work leaves no folder
+            sys.exit(err.exit_code)
         raise  # in a sweep the launcher records the job as failed and goes on
+    except (Interrupted, KeyboardInterrupt) as stop:
+        log.error("%s", stop if isinstance(stop, Interrupted) else "interrupted (Ctrl-C) before training started")
+        sys.exit(getattr(stop, "exit_code", 130))
 
 
-def build_run(cfg: DictConfig, choices: dict[str, str]):
+def build_run(cfg: DictConfig, choices: dict[str, str]) -> Run:
     """The typed run object: config dataclasses plus the components chosen by ``_target_``."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     from runner.errors import RunnerError
-    from runner.job import Run
+    from runner.spec import Run
     from runner.tasks import make_task
 
+    problems = unknown_keys(cfg)
+    if cfg.loss is not None and "_target_" not in cfg.loss:
+        problems.append(f"loss.{next(iter(cfg.loss), '')} is set but no loss is chosen (loss=null uses the task's "
+                        f"default): pick one first, e.g. loss=ce, loss=focal or loss=mnrl")
+    if problems:
+        raise RunnerError("; ".join(problems))
     typed = OmegaConf.to_object(cfg)
     problems = schema.check_values(typed)
     if problems:
         raise RunnerError("; ".join(problems))
     task = make_task(typed.data.type, typed.task)
     loss_cfg = cfg.loss if cfg.loss is not None else OmegaConf.create(task.default_loss)
-    make_loss = instantiate(loss_cfg, _partial_=True, _execution_whitelist_=TARGETS)
+    try:
+        make_loss = instantiate(loss_cfg, _partial_=True, _execution_whitelist_=TARGETS)
+        make_pooling = instantiate(cfg.pooling, _partial_=True, _execution_whitelist_=TARGETS)
+        mode = instantiate(cfg.mode, _execution_whitelist_=TARGETS)
+    except InstantiationException as err:  # a component refused its arguments: its own message says why
+        cause = err.__cause__
+        raise RunnerError(str(cause) if isinstance(cause, (RunnerError, ValueError)) else str(err)) from err
+    if mode.frozen_encoder and not task.has_head and not list(make_pooling().parameters()):
+        raise RunnerError(
+            f"mode=head_only freezes the encoder, and this embedding model ({typed.data.type.value} data, no head) has "
+            f"nothing else to train: use mode=full or mode=peft, or pooling=weighted (learned layer weights)"
+        )
     family = make_loss.func.family
     if family != task.loss_family:
         raise RunnerError(
@@ -71,14 +105,29 @@ def build_run(cfg: DictConfig, choices: dict[str, str]):
             f"data, task.architecture={typed.task.architecture.value}) trains on {task.loss_family}: pick a matching loss"
         )
     return Run(
-        cfg=typed,
-        make_pooling=instantiate(cfg.pooling, _partial_=True, _execution_whitelist_=TARGETS),
-        mode=instantiate(cfg.mode, _execution_whitelist_=TARGETS),
-        task=task,
-        make_loss=make_loss,
+        cfg=typed, make_pooling=make_pooling, mode=mode, task=task, make_loss=make_loss,
         choices={k: str(v) for k, v in choices.items() if not k.startswith(("hydra", "schema"))},
         config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
     )
+
+
+def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys the typed schemas do not have. ``+train.learning_rate=1e-3`` (what Hydra suggests for a
+    misspelled key) adds one even to a typed node; the runner would ignore it, so it is an error."""
+    problems = []
+    schema_type = OmegaConf.get_type(node)
+    allowed = {f.name for f in dataclasses.fields(schema_type)} if dataclasses.is_dataclass(schema_type) else None
+    for key in node.keys():
+        name = f"{prefix}{key}"
+        if allowed is not None and key not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(sorted(allowed))}"
+            problems.append(f"unknown key {name} ({hint})")
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            problems += unknown_keys(child, name + ".")
+    return problems
 
 
 def attach_to_sweep(run, hydra_cfg) -> None:

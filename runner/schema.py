@@ -56,6 +56,21 @@ class Similarity(str, Enum):
     dot = "dot"
 
 
+class Distance(str, Enum):
+    cosine = "cosine"  # 1 - cos
+    euclidean = "euclidean"
+
+
+class EmbeddingLoss(str, Enum):
+    mse = "mse"
+    cosine = "cosine"  # 1 - cos
+
+
+class PaddingSide(str, Enum):
+    left = "left"  # decoder embedders with last-token pooling
+    right = "right"
+
+
 class KeepModels(str, Enum):
     all = "all"
     best = "best"
@@ -80,7 +95,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     revision: str | None = None
     text_prefix: str = ""  # e5 expects "query: " in front of every text
-    padding_side: str | None = None  # None keeps the tokenizer's own
+    padding_side: PaddingSide | None = None  # None keeps the tokenizer's own
     # Build a randomly initialised model from this transformers config instead of loading weights
     # (model=tiny): keys are AutoConfig.for_model(**random_init) arguments, model_type included.
     random_init: dict[str, Any] | None = None
@@ -114,6 +129,84 @@ class PeftModeConfig:
     dropout: float = 0.1
     # None picks the defaults of the encoder's architecture family (see runner/modes.py)
     target_modules: list[str] | None = None
+
+
+# ------------------------------------------------------------------------------------- loss (conf/loss/)
+# One schema per loss: a misspelled or mistyped loss key fails at composition like every other group.
+
+
+@dataclass
+class CrossEntropyLossConfig:
+    _target_: str = "runner.losses.CrossEntropy"
+    label_smoothing: float = 0.0
+    class_weights: Any = None  # null, "balanced", or one weight per class
+
+
+@dataclass
+class FocalLossConfig:
+    _target_: str = "runner.losses.Focal"
+    gamma: float = 2.0
+    alpha: Any = None  # null, "balanced", or one weight per class
+
+
+@dataclass
+class BinaryCrossEntropyLossConfig:
+    _target_: str = "runner.losses.BinaryCrossEntropy"
+    pos_weight: list[float] | None = None
+
+
+@dataclass
+class MeanSquaredErrorLossConfig:
+    _target_: str = "runner.losses.MeanSquaredError"
+
+
+@dataclass
+class CoSENTLossConfig:
+    _target_: str = "runner.losses.CoSENT"
+    scale: float = 20.0
+    similarity: Similarity = Similarity.cosine
+
+
+@dataclass
+class CosineMSELossConfig:
+    _target_: str = "runner.losses.CosineMSE"
+    similarity: Similarity = Similarity.cosine
+
+
+@dataclass
+class ContrastiveLossConfig:
+    _target_: str = "runner.losses.Contrastive"
+    margin: float = 0.5
+
+
+@dataclass
+class MNRLossConfig:
+    _target_: str = "runner.losses.MultipleNegativesRanking"
+    scale: float = 20.0
+    similarity: Similarity = Similarity.cosine
+
+
+@dataclass
+class CachedMNRLossConfig:
+    _target_: str = "runner.losses.CachedMultipleNegativesRanking"
+    scale: float = 20.0
+    similarity: Similarity = Similarity.cosine
+    mini_batch_size: int = 32
+
+
+@dataclass
+class TripletLossConfig:
+    _target_: str = "runner.losses.Triplet"
+    margin: float = 0.5
+    distance: Distance = Distance.cosine
+
+
+LOSS_SCHEMAS = {
+    "ce": CrossEntropyLossConfig, "focal": FocalLossConfig, "bce": BinaryCrossEntropyLossConfig,
+    "mse": MeanSquaredErrorLossConfig, "cosent": CoSENTLossConfig, "cosine_mse": CosineMSELossConfig,
+    "contrastive": ContrastiveLossConfig, "mnrl": MNRLossConfig, "cached_mnrl": CachedMNRLossConfig,
+    "triplet": TripletLossConfig,
+}
 
 
 @dataclass
@@ -162,7 +255,7 @@ class DistillConfig:
     teacher: str | None = None
     alpha: float = 0.5  # loss = (1 - alpha) * task loss + alpha * distillation term
     temperature: float = 2.0  # logits (classifiers)
-    embedding_loss: str = "mse"  # mse or cosine (embedding models and teacher=self)
+    embedding_loss: EmbeddingLoss = EmbeddingLoss.mse  # embedding models and teacher=self
 
 
 @dataclass
@@ -207,6 +300,14 @@ class TrainConfig:
     seed: int = 42
     deterministic: bool = False
     progress: bool = True
+    # Checkpoints (runner/checkpoint.py): every checkpoint_every optimizer steps (0: epoch ends only) and at
+    # each epoch end, in <run folder>/checkpoints; the newest keep_checkpoints and the best are kept.
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 1
+    keep_checkpoints_after_run: bool = False  # a finished run keeps its saved model, not its checkpoints
+    # auto: continue from the newest whole checkpoint of this run folder, if any; never: start over;
+    # or a path: a checkpoint folder (or a run folder) to continue from
+    resume: str = "auto"
 
 
 @dataclass
@@ -254,23 +355,43 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = MISSING  # the Hydra run folder, filled in by conf/config.yaml
     save_model: bool = True
+    overwrite: bool = False  # replace a finished run already in output_dir (else that is an error)
 
 
 def check_values(cfg: RunConfig) -> list[str]:
     """Range checks the type system cannot express; returns one message per bad key (empty if fine)."""
-    t = cfg.train
+    t, d, task = cfg.train, cfg.data, cfg.task
+    score_range = list(task.score_range) if task.score_range is not None else None
     rules = [
         ("train.lr", t.lr, t.lr > 0, "a positive number"),
         ("train.head_lr", t.head_lr, t.head_lr is None or t.head_lr > 0, "a positive number or null"),
         ("train.batch_size", t.batch_size, t.batch_size >= 1, "at least 1"),
+        ("train.eval_batch_size", t.eval_batch_size, t.eval_batch_size is None or t.eval_batch_size >= 1, "at least 1 or null"),
         ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, "at least 1"),
         ("train.epochs", t.epochs, t.epochs >= 1 or t.max_steps > 0, "at least 1 (or set train.max_steps)"),
+        ("train.max_steps", t.max_steps, t.max_steps == -1 or t.max_steps >= 1, "-1 (use epochs) or at least 1"),
         ("train.warmup_ratio", t.warmup_ratio, 0 <= t.warmup_ratio < 1, "in [0, 1)"),
         ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "0 or more"),
+        ("train.max_grad_norm", t.max_grad_norm, t.max_grad_norm >= 0, "0 (off) or more"),
         ("train.head_dropout", t.head_dropout, 0 <= t.head_dropout < 1, "in [0, 1)"),
         ("train.log_every", t.log_every, t.log_every >= 1, "at least 1"),
+        ("train.eval_every", t.eval_every, t.eval_every >= 0, "0 (each epoch) or more"),
+        ("train.early_stopping.patience", t.early_stopping.patience, t.early_stopping.patience >= 0, "0 (off) or more"),
+        ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0, "0 (epoch ends only) or more"),
+        ("train.keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 1, "at least 1"),
+        ("train.resume", t.resume, bool(t.resume), "auto, never or a checkpoint folder"),
         ("model.max_length", cfg.model.max_length, cfg.model.max_length >= 2, "at least 2"),
-        ("cv.folds", cfg.cv.folds, cfg.cv.folds >= 0, "0 (off) or at least 2"),
+        ("cv.folds", cfg.cv.folds, cfg.cv.folds == 0 or cfg.cv.folds >= 2, "0 (off) or at least 2"),
+        ("cv.bins", cfg.cv.bins, cfg.cv.bins >= 2, "at least 2"),
+        ("data.max_train_samples", d.max_train_samples, d.max_train_samples is None or d.max_train_samples >= 1,
+         "at least 1 or null"),
+        ("data.validation_split", d.validation_split, 0 < d.validation_split < 1, "in (0, 1)"),
+        ("task.threshold", task.threshold, 0 < task.threshold < 1, "in (0, 1)"),
+        ("task.score_range", score_range,
+         score_range is None or (len(score_range) == 2 and score_range[0] < score_range[1]),
+         "two increasing numbers, e.g. [0, 5]"),
+        ("distill.alpha", cfg.distill.alpha, 0 <= cfg.distill.alpha <= 1, "in [0, 1]"),
+        ("distill.temperature", cfg.distill.temperature, cfg.distill.temperature > 0, "a positive number"),
     ]
     return [f"{key}={value} must be {allowed}" for key, value, ok, allowed in rules if not ok]
 
@@ -300,6 +421,8 @@ def register() -> None:
     cs.store(group="schema/mode", name="head_only", node=HeadOnlyModeConfig)
     cs.store(group="schema/mode", name="full", node=FullModeConfig)
     cs.store(group="schema/mode", name="peft", node=PeftModeConfig)
+    for name, node in LOSS_SCHEMAS.items():
+        cs.store(group="schema/loss", name=name, node=node)
     try:  # hydra/sweeper=runner_optuna: the Optuna sweeper, resumable (runner/optuna_sweeper.py)
         from hydra.core.plugins import Plugins
         from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf

@@ -38,6 +38,10 @@ class Task:
     def num_outputs(self, label_names: list) -> int | None:
         return len(label_names)
 
+    def metrics_for(self, label_names: list) -> tuple[str, ...]:
+        """The metric names this task reports for these labels (without the ``split/`` prefix)."""
+        return self.metric_names
+
     def scale_targets(self, labels: np.ndarray | None) -> np.ndarray | None:
         return labels
 
@@ -69,7 +73,10 @@ class Task:
 
 class Classify(Task):
     default_loss = {"_target_": "runner.losses.CrossEntropy"}
-    metric_names = ("accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro", "mcc", "loss", "f1")
+    metric_names = ("accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro", "mcc", "loss")
+
+    def metrics_for(self, label_names):
+        return self.metric_names + (("f1",) if len(label_names) == 2 else ())  # f1 of the positive class
 
     def evaluate(self, model, loader, accelerator, split, label_names, text_ids=None):
         from runner.evaluate import class_report, classification_metrics

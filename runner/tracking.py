@@ -7,12 +7,15 @@ Only the main process writes; on other ranks the tracker does nothing.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from runner.errors import RunnerError
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +36,29 @@ def artifact_root(uri: str) -> str | None:
 def prepare_store(uri: str, experiment: str) -> str:
     """Create the store's schema and the experiment (idempotent); returns the experiment id.
 
-    Call once before parallel jobs start: concurrent first-time schema creation on SQLite fails.
+    Concurrent first-time schema creation on SQLite fails (``duplicate column name``), so on a local
+    SQLite store the processes take turns through a lock file beside the database.
     """
+    if not uri.startswith("sqlite:///"):
+        return get_or_create_experiment(uri, experiment)
+    path = Path(uri[len("sqlite:///") :])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.parent / f"{path.name}.lock", "a")  # noqa: SIM115  (held for the with block below)
+    except OSError as err:
+        raise RunnerError(f"tracking store {uri} is not writable ({err.strerror}): set tracking.uri to a "
+                          f"writable place, or tracking.enabled=false") from err
+    if path.exists() and not os.access(path, os.W_OK):
+        raise RunnerError(f"tracking store {uri} is not writable (read-only file): set tracking.uri to a "
+                          f"writable place, or tracking.enabled=false")
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return get_or_create_experiment(uri, experiment)
+
+
+def get_or_create_experiment(uri: str, experiment: str) -> str:
     import mlflow
 
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     client = mlflow.MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
@@ -68,8 +88,12 @@ class Tracker:
         self.uri, self.experiment, self.enabled = uri, experiment, enabled
         self.client = None
         self.run_id: str | None = None
+        self.logged: set[tuple[str, int]] = set()  # (metric, step) already in a continued run: not logged again
+        self.params: set[str] = set()  # params already in a continued run (MLflow forbids changing them)
 
-    def start(self, run_name: str | None = None, tags: Mapping[str, str] | None = None, parent_id: str | None = None):
+    def start(self, run_name: str | None = None, tags: Mapping[str, str] | None = None, parent_id: str | None = None,
+              resume_id: str | None = None):
+        """Open a new run, or continue ``resume_id`` (a resumed job): same run id, no step logged twice."""
         if not self.enabled:
             return self
         import mlflow
@@ -79,21 +103,41 @@ class Tracker:
         all_tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
+        previous = self.existing(resume_id)
+        if previous is not None:
+            self.run_id = resume_id
+            self.client.update_run(resume_id, status="RUNNING")
+            self.set_tags(all_tags)
+            self.logged = {(key, m.step) for key in previous.data.metrics
+                           for m in self.client.get_metric_history(resume_id, key)}
+            self.params = set(previous.data.params)
+            log.info("continuing MLflow run %s (%s) in %s", previous.info.run_name, resume_id, self.uri)
+            return self
         run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         self.run_id = run.info.run_id
         log.info("MLflow run %s (%s) in %s", run.info.run_name, self.run_id, self.uri)
         return self
 
-    def child(self, run_name: str, tags: Mapping[str, str] | None = None) -> Tracker:
+    def existing(self, run_id: str | None):
+        if not run_id:
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:  # not in this store (a new store, or another tracking.uri): start a new run
+            log.warning("MLflow run %s of this run folder is not in %s: starting a new one", run_id, self.uri)
+            return None
+        return run if run.info.lifecycle_stage == "active" else None
+
+    def child(self, run_name: str, tags: Mapping[str, str] | None = None, resume_id: str | None = None) -> Tracker:
         """A nested run under this one (folds under a job, trials under a sweep)."""
-        return Tracker(self.uri, self.experiment, self.enabled).start(run_name, tags, parent_id=self.run_id)
+        return Tracker(self.uri, self.experiment, self.enabled).start(run_name, tags, self.run_id, resume_id)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.run_id:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:PARAM_LIMIT]) for k, v in flatten(params).items()]
+        items = [Param(k, str(v)[:PARAM_LIMIT]) for k, v in flatten(params).items() if k not in self.params]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -112,7 +156,8 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if v is not None and math.isfinite(v) and (k, step) not in self.logged]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
@@ -120,6 +165,8 @@ class Tracker:
         if self.run_id:
             self.client.log_artifact(self.run_id, str(path), folder)
 
-    def finish(self, status: str = "FINISHED") -> None:
+    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
         if self.run_id:
+            if error:
+                self.set_tags({"error": error[:5000]})
             self.client.set_terminated(self.run_id, status=status)

@@ -1,7 +1,9 @@
 """The training loop: one screen, no branching on model, pooling, mode or precision.
 
-Everything the loop owns (step, epoch, early-stopping state, best weights) lives in ``TrainState``,
-the one object a checkpoint needs to save and restore.
+Everything the loop owns lives in :class:`TrainState`, the object a checkpoint saves and restores: the
+step and epoch, the position inside the epoch (batches already consumed, which a resumed run skips),
+the loss window since the last log, and the early-stopping state with the best weights. Nothing lives
+in locals that a resumed run would lose, so a resumed run continues exactly where the killed one was.
 """
 
 from __future__ import annotations
@@ -10,73 +12,118 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from runner.checkpoint import crash_point
 from runner.errors import TrainingDiverged
 from runner.schema import TrainConfig
+from runner.signals import STOP, Interrupted
 
 
 @dataclass
 class TrainState:
-    step: int = 0
-    epoch: int = 0
-    best: float | None = None  # best objective value seen at an evaluation
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs done; the sampler's order is a function of (sampler_seed, epoch)
+    batch: int = 0  # micro-batches of the current epoch already consumed (a resumed run skips them)
+    sampler_seed: int = 0
+    loss_sum: float = 0.0  # sum of the per-step losses since the last train/loss log
+    loss_steps: int = 0  # optimizer steps in that window
+    samples: int = 0  # examples seen since the last log (train/samples_per_s)
+    best: float | None = None  # best monitored value seen at an evaluation
     best_step: int = 0
     bad_evals: int = 0  # evaluations since the last improvement (early stopping)
+    stop: bool = False  # early stopping asked to stop
     best_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    stop: bool = False
 
 
-def fit(
-    model, loss_fn, loader, optimizer, scheduler, accelerator, cfg: TrainConfig,
-    evaluate: Callable[[int], dict[str, float]], objective: str, maximize: bool,
-    log: Callable[[dict[str, float], int], None],
-) -> TrainState:
-    """Train until ``cfg.max_steps`` or ``cfg.epochs``; evaluate, early-stop and keep the best weights."""
-    state = TrainState()
-    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
-    total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
-    eval_every = cfg.eval_every or steps_per_epoch
-    bar = tqdm(total=total, disable=not (cfg.progress and accelerator.is_main_process), unit="step")
+@dataclass
+class LoopParts:
+    """What the loop drives: prepared model, loss, loader (and its batch sampler), optimizer, scheduler."""
+
+    model: Any
+    loss_fn: Any
+    loader: Any
+    sampler: Any  # runner.batching.LengthGroupedBatches: positioned by (epoch, batch) before each pass
+    optimizer: Any
+    scheduler: Any
+    accelerator: Any
+
+
+@dataclass
+class Events:
+    """What happens around the loop: logging, evaluation (returns metrics) and checkpointing."""
+
+    log: Callable[[dict[str, float], int], None]
+    evaluate: Callable[[int], dict[str, float]]
+    checkpoint: Callable[[TrainState], Any]
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    return cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * math.ceil(batches_per_epoch / cfg.grad_accum)
+
+
+def fit(parts: LoopParts, state: TrainState, cfg: TrainConfig, events: Events, monitor: str, maximize: bool) -> TrainState:
+    """Train from ``state`` until ``cfg.max_steps`` or ``cfg.epochs``; evaluate, early-stop, checkpoint."""
+    model, loader, accelerator = parts.model, parts.loader, parts.accelerator
+    total = total_steps(cfg, len(loader))
+    eval_every = cfg.eval_every or math.ceil(len(loader) / cfg.grad_accum)
+    bar = tqdm(total=total, initial=state.step, disable=not (cfg.progress and accelerator.is_main_process), unit="step")
     model.train()
-    running, window, seen, tic = torch.zeros((), device=accelerator.device), 0, 0, time.perf_counter()
+    running, tic = torch.tensor(state.loss_sum, device=accelerator.device), time.perf_counter()
     while state.step < total and not state.stop:
+        parts.sampler.start(state.epoch, state.batch)
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = loss_fn(model, batch)
+                loss = parts.loss_fn(model, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                parts.optimizer.step()
+                parts.scheduler.step()
+                parts.optimizer.zero_grad(set_to_none=True)
             running += loss.detach() / cfg.grad_accum
-            seen += len(batch["index"])
+            state.batch, state.samples = state.batch + 1, state.samples + len(batch["index"])
             if not accelerator.sync_gradients:
                 continue
-            state.step, window = state.step + 1, window + 1
+            state.step, state.loss_steps = state.step + 1, state.loss_steps + 1
+            epoch_end = state.batch >= len(loader)
+            if epoch_end:
+                state.epoch, state.batch = state.epoch + 1, 0
+            crash_point("step", state.step)
             if state.step % cfg.log_every == 0 or state.step == total:
-                mean_loss, window = running.item() / window, 0  # .item() syncs: only at log steps
-                if not math.isfinite(mean_loss):
-                    raise TrainingDiverged(f"loss is {mean_loss} at step {state.step}; lower train.lr or use precision=fp32")
-                rate = seen / (time.perf_counter() - tic)
-                extra = {k: float(v) for k, v in getattr(loss_fn, "terms", {}).items()}  # e.g. train/distill
-                log({"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0], "train/samples_per_s": rate,
-                     **extra}, state.step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", samples_s=f"{rate:.1f}")
-                running.zero_()
-            bar.update(1)
+                log_train(state, running, parts, time.perf_counter() - tic, events.log)
+                tic = time.perf_counter()
             if state.step % eval_every == 0 or state.step == total:
-                early_stopping(state, model, evaluate(state.step)[objective], cfg, maximize)
+                early_stopping(state, model, events.evaluate(state.step)[monitor], cfg, maximize)
+            if epoch_end or STOP.received or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
+                state.loss_sum = running.item()  # a host sync, only when checkpointing
+                where = events.checkpoint(state)
+                if STOP.received:
+                    raise Interrupted(STOP.received, f"stopped by {STOP.name()} at step {state.step}; checkpoint "
+                                      f"{where}: run the same command again to resume")
+            bar.update(1)
             if state.step >= total or state.stop:
                 break
-        state.epoch += 1
     bar.close()
     if state.best_weights is not None:  # early stopping: restore the best evaluation's weights
         model.load_state_dict(state.best_weights, strict=False)
     return state
+
+
+def log_train(state: TrainState, running: torch.Tensor, parts: LoopParts, seconds: float, log) -> None:
+    """train/loss (mean over the window), lr, samples/s and any extra loss terms; resets the window."""
+    mean_loss = running.item() / state.loss_steps  # .item() syncs: only at log steps
+    if not math.isfinite(mean_loss):
+        raise TrainingDiverged(f"loss is {mean_loss} at step {state.step}; lower train.lr or use precision=fp32")
+    lr = parts.scheduler.get_last_lr()[0]
+    extra = {k: float(v) for k, v in getattr(parts.loss_fn, "terms", {}).items()}  # e.g. train/distill
+    log({"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": state.samples / max(seconds, 1e-9), **extra},
+        state.step)
+    running.zero_()
+    state.loss_sum, state.loss_steps, state.samples = 0.0, 0, 0
 
 
 def early_stopping(state: TrainState, model, value: float, cfg: TrainConfig, maximize: bool) -> None:

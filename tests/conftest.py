@@ -69,6 +69,25 @@ def write_csv(path: Path, rows, header=("text", "label")) -> Path:
     return path
 
 
+def triplet_sentence(rng: random.Random, positive: bool) -> str:
+    return " ".join([rng.choice(["the", "a"]), rng.choice(["film", "movie", "plot"]), "was",
+                     rng.choice(POSITIVE if positive else NEGATIVE)])
+
+
+def write_triplets(path: Path, n: int, seed: int) -> str:
+    """anchor / positive (same sentiment) / negative (the other) rows as jsonl."""
+    import json
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        pos = i % 2 == 0
+        rows.append({"anchor": triplet_sentence(rng, pos), "positive": triplet_sentence(rng, pos),
+                     "negative": triplet_sentence(rng, not pos)})
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
 @pytest.fixture
 def toy_data(tmp_path) -> dict[str, str]:
     """Train (96 rows), validation (32) and test (32) CSVs of a learnable two-class task."""

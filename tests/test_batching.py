@@ -11,11 +11,27 @@ from runner.batching import Collator, Encoded, LengthGroupedBatches, RandomBatch
 def test_each_epoch_yields_every_index_once_in_a_new_order():
     lengths = np.random.default_rng(0).integers(1, 100, size=1000)
     sampler = LengthGroupedBatches(lengths, batch_size=32, shuffle=True, seed=3)
-    first, second = list(sampler), list(sampler)
+    first = list(sampler)
+    sampler.start(epoch=1)
+    second = list(sampler)
     for epoch in (first, second):
         assert sorted(i for b in epoch for i in b) == list(range(1000))
         assert len(epoch) == len(sampler) == 32
     assert first != second
+
+
+def test_a_positioned_sampler_replays_the_rest_of_an_epoch():
+    """A resumed run: epoch 2 from batch 5 on is exactly what the uninterrupted epoch 2 yielded after 5."""
+    lengths = np.random.default_rng(1).integers(1, 60, size=300)
+    for cls in (LengthGroupedBatches, RandomBatches):
+        sampler = cls(lengths, batch_size=16, shuffle=True, seed=7)
+        sampler.start(2)
+        whole = list(sampler)
+        sampler.start(0)
+        list(sampler)
+        sampler.start(2, skip=5)
+        assert list(sampler) == whole[5:]
+        assert len(sampler) == len(whole)
 
 
 def test_same_seed_same_batches():

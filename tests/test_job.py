@@ -37,7 +37,8 @@ def train(run: job.Run) -> experiment.FitResult:
     job.seed_everything(cfg.train.seed, False)
     accelerator = make_accelerator(cfg.hardware.device, cfg.precision.dtype, cfg.train.grad_accum)
     tracker = Tracker("unused", "unused", enabled=False)
-    return experiment.fit_and_evaluate(run, load_dataset(cfg.data), load_tokenizer(cfg.model), accelerator, tracker)
+    return experiment.fit_and_evaluate(run, load_dataset(cfg.data), load_tokenizer(cfg.model), accelerator, tracker,
+                                       Path(cfg.output_dir))
 
 
 def saved(tiny_model_dir: str) -> dict[str, torch.Tensor]:
@@ -161,12 +162,22 @@ def test_peft_model_folder_reloads_with_the_adapter(make_run):
     assert len(artifact.predict_labels(model, tokenizer, meta, ["good film", "bad film"])) == 2
 
 
-def test_a_failing_job_is_marked_failed(make_run):
+def test_a_bad_input_opens_no_mlflow_run(make_run):
     run = make_run("objective.metric=val/nope")
-    with pytest.raises(Exception, match="objective.metric='val/nope' is not a metric"):
+    with pytest.raises(Exception, match="objective.metric=val/nope is not a metric"):
+        job.execute(run)
+    client = mlflow.MlflowClient(tracking_uri=run.cfg.tracking.uri)
+    experiment = client.get_experiment_by_name("test")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])
+
+
+def test_a_job_failing_while_training_is_marked_failed_with_its_error(make_run):
+    run = make_run("train.lr=1e30", "train.max_grad_norm=0", "train.log_every=1")
+    with pytest.raises(Exception, match="lower train.lr"):
         job.execute(run)
     _, mlrun = read_run(run.cfg.tracking.uri)
     assert mlrun.info.status == "FAILED"
+    assert mlrun.data.tags["error"].startswith("TrainingDiverged: loss is")
 
 
 def test_pooling_layers_out_of_range_is_a_clear_error(make_run):

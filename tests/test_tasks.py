@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -14,13 +13,9 @@ import torch
 from runner import artifact, job
 from runner.errors import RunnerError
 from runner.evaluate import correlation_metrics, multilabel_metrics, retrieval_metrics
-from tests.conftest import NEGATIVE, POSITIVE, make_sentences, write_csv
+from tests.conftest import NEGATIVE, POSITIVE, make_sentences, triplet_sentence, write_csv, write_triplets
 
-
-def sentence(rng: random.Random, positive: bool) -> str:
-    return " ".join([rng.choice(["the", "a"]), rng.choice(["film", "movie", "plot"]), "was",
-                     rng.choice(POSITIVE if positive else NEGATIVE)])
-
+sentence = triplet_sentence
 
 @pytest.fixture
 def pair_files(tmp_path):
@@ -37,16 +32,8 @@ def pair_files(tmp_path):
 
 @pytest.fixture
 def triplet_files(tmp_path):
-    def write(name, n, seed):
-        rng = random.Random(seed)
-        rows = []
-        for i in range(n):
-            pos = i % 2 == 0
-            rows.append({"anchor": sentence(rng, pos), "positive": sentence(rng, pos), "negative": sentence(rng, not pos)})
-        path = tmp_path / f"{name}.jsonl"
-        path.write_text("\n".join(json.dumps(r) for r in rows))
-        return str(path)
-    return {"train": write("train", 64, 0), "validation": write("dev", 24, 1)}
+    return {"train": write_triplets(tmp_path / "train.jsonl", 64, 0),
+            "validation": write_triplets(tmp_path / "dev.jsonl", 24, 1)}
 
 
 def pair_overrides(files, *extra):
@@ -200,9 +187,10 @@ def test_batches_are_length_grouped_for_heads_and_random_for_in_batch_losses(mak
               "train.max_steps=1", "save_model=false")
     for architecture, grouped in (("cross", True), ("bi", False)):
         seen.clear()
-        run = make_run(*pair_overrides(pair_files, f"task.architecture={architecture}", *common))
+        run = make_run(*pair_overrides(pair_files, f"task.architecture={architecture}", *common), "overwrite=true")
         job.execute(run)
         assert seen[0] is grouped  # the training loader; evaluation loaders are always sorted by length
     seen.clear()
-    job.execute(make_run(*pair_overrides(pair_files, "task.architecture=bi", "train.group_by_length=true", *common)))
+    job.execute(make_run(*pair_overrides(pair_files, "task.architecture=bi", "train.group_by_length=true", *common),
+                         "overwrite=true"))
     assert seen[0] is True

@@ -1,0 +1,83 @@
+"""The run folder's life: new, unfinished (resume it), or finished (an error unless ``overwrite=true``).
+
+A run folder holds ``mlflow_run.json`` (the MLflow run this folder reports to, so a resumed run continues
+the same MLflow run) from the moment tracking starts, checkpoints while it trains, and ``metrics.json``
+once it has finished. Hydra picks a new timestamped folder per run by default; a fixed
+``hydra.run.dir`` (a SLURM job that is requeued, say) makes the same command land in the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from runner.errors import RunnerError
+
+log = logging.getLogger("runner")
+
+MLFLOW_FILE = "mlflow_run.json"
+FINISHED_FILE = "metrics.json"
+RESULTS = ("model", "checkpoints", "folds", "metrics.json", "report.json", "labels.json", "folds.csv", MLFLOW_FILE)
+HYDRA_ONLY = {".hydra", "runner.log"}  # what Hydra writes before the job starts
+
+
+def prepare(out: Path, overwrite: bool, resume: str) -> None:
+    """Check the folder is writable and not a finished run; clear it for ``overwrite`` / ``resume=never``."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise RunnerError(f"cannot write to the run folder {out}: {err.strerror}; set hydra.run.dir to a "
+                          f"writable folder") from err
+    if (out / FINISHED_FILE).exists():
+        if not overwrite:
+            raise RunnerError(f"{out} holds a finished run ({FINISHED_FILE}): choose another hydra.run.dir, or add "
+                              f"overwrite=true to replace it")
+        log.warning("overwrite=true: replacing the finished run in %s", out)
+        clear(out)
+    elif resume == "never" and any((out / name).exists() for name in ("checkpoints", "folds")):
+        log.warning("train.resume=never: discarding the unfinished run's checkpoints in %s", out)
+        clear(out)
+
+
+def check_checkpoints(out: Path, fingerprint: dict[str, str]) -> None:
+    """The checkpoints this folder would resume from must come from the same config."""
+    from runner import checkpoint
+
+    for root in [out / "checkpoints", *sorted((out / "folds").glob("fold-*/checkpoints"))]:
+        found = checkpoint.find_latest(root)
+        if found is not None:
+            saved = json.loads((found / "state.json").read_text()).get("fingerprint", {})
+            checkpoint.check_fingerprint(found, saved, fingerprint)
+
+
+def clear(out: Path) -> None:
+    for name in RESULTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def previous_run_id(folder: Path) -> str | None:
+    path = folder / MLFLOW_FILE
+    return json.loads(path.read_text()).get("run_id") if path.exists() else None
+
+
+def record_run_id(folder: Path, run_id: str | None) -> None:
+    if run_id:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MLFLOW_FILE).write_text(json.dumps({"run_id": run_id}))
+
+
+def remove_if_unused(out: Path) -> bool:
+    """Delete a folder in which a run failed before doing any work (Hydra's files alone); True if done."""
+    if not out.is_dir() or not {p.name for p in out.iterdir()} <= HYDRA_ONLY:
+        return False
+    shutil.rmtree(out, ignore_errors=True)
+    return True

@@ -1,0 +1,240 @@
+"""Runs that survive: a run killed anywhere and resumed is the run that would have happened.
+
+The matrix kills in-process at exact points (a patched crash point raises instead of SIGKILL, so the
+runner's own cleanup is skipped just as a kill skips it) and compares the resumed run with an
+uninterrupted one: final weights bit for bit, and the MLflow metric history of the one continued run.
+Real SIGKILL and SIGTERM in a subprocess are tested separately below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from runner import artifact, checkpoint, job, train
+from runner.errors import RunnerError
+from tests.conftest import ROOT, write_triplets
+
+
+class SimulatedKill(BaseException):
+    """Raised at a crash point: like SIGKILL, nothing in the runner catches it."""
+
+
+KILLS = {"at step 1": "step:1", "mid-epoch": "step:5", "at an epoch boundary": "step:7",
+         "while writing a checkpoint": "checkpoint:8"}
+
+
+def loss_overrides(loss: str, mode: str, tmp_path: Path) -> list[str]:
+    if loss == "ce":
+        return []  # the toy single-text task, cross-entropy
+    files = {s: write_triplets(tmp_path / f"{s}.jsonl", n, seed) for s, n, seed in (("train", 96, 0), ("dev", 24, 1))}
+    # a frozen encoder without a head trains the weights of a weighted layer pooling
+    return ["data.type=triplet", f"data.train={files['train']}", f"data.validation={files['dev']}", "data.test=null",
+            "loss=mnrl", "objective.metric=val/mrr_at_10", *(["pooling=weighted", "pooling.layers=[-3,-2,-1]"] if mode == "head_only" else [])]
+
+
+def overrides(mode: str, loss: str, tmp_path: Path, name: str) -> list[str]:
+    # 96 rows / batch 16 = 6 steps an epoch, 12 in all; checkpoints at steps 4, 6 (epoch end), 8 and 12
+    return [f"mode={mode}", *loss_overrides(loss, mode, tmp_path), "train.epochs=2", "train.checkpoint_every=4",
+            "train.log_every=3", "train.deterministic=true", "train.lr=5e-3", "mode.dropout=0.2" if mode == "peft" else
+            "train.head_dropout=0.2", f"output_dir={tmp_path / name}", f"tracking.experiment={name}"]
+
+
+def crash_at(monkeypatch, point: str) -> None:
+    def crash(kind: str, step: int) -> None:
+        if f"{kind}:{step}" == point:
+            raise SimulatedKill(point)
+    monkeypatch.setattr(train, "crash_point", crash)
+    monkeypatch.setattr(checkpoint, "crash_point", crash)
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    model, _, _ = artifact.load_model(out / "model")
+    return model.state_dict()
+
+
+def history(uri: str, experiment: str) -> tuple[str, dict[str, list[tuple[int, float]]]]:
+    """(run id, metric -> [(step, value)]) of the experiment's one job run; throughput is left out."""
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, "a resumed run continues its MLflow run instead of opening another"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    keys = [k for k in run.data.metrics if k != "train/samples_per_s"]
+    return run.info.run_id, {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
+                             for k in keys}
+
+
+BASELINES: dict[tuple[str, str], tuple[dict, dict]] = {}
+
+
+@pytest.mark.parametrize("kill", list(KILLS))
+@pytest.mark.parametrize("loss", ["ce", "mnrl"])
+@pytest.mark.parametrize("mode", ["head_only", "full", "peft"])
+def test_a_killed_run_resumes_to_the_same_weights_and_history(make_run, tmp_path, monkeypatch, mode, loss, kill):
+    uri = make_run().cfg.tracking.uri
+    if (mode, loss) not in BASELINES:
+        job.execute(make_run(*overrides(mode, loss, tmp_path, "whole")))
+        BASELINES[mode, loss] = final_weights(tmp_path / "whole"), history(uri, "whole")[1]
+    weights, metrics = BASELINES[mode, loss]
+
+    args = overrides(mode, loss, tmp_path, "killed")
+    crash_at(monkeypatch, KILLS[kill])
+    with pytest.raises(SimulatedKill):
+        job.execute(make_run(*args))
+    monkeypatch.undo()
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    job.execute(make_run(*args))  # the same command again: train.resume=auto
+
+    resumed = final_weights(tmp_path / "killed")
+    assert resumed.keys() == weights.keys()
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights), "resumed weights differ from the whole run's"
+    _, resumed_metrics = history(uri, "killed")
+    assert resumed_metrics == metrics  # same steps, same values, nothing logged twice
+    assert not (tmp_path / "killed" / "checkpoints").exists()  # a finished run keeps its model, not checkpoints
+
+
+def test_a_truncated_checkpoint_is_skipped_for_the_previous_one(make_run, tmp_path, monkeypatch, caplog):
+    args = overrides("full", "ce", tmp_path, "run1")
+    crash_at(monkeypatch, "step:9")
+    with pytest.raises(SimulatedKill):
+        job.execute(make_run(*args))
+    monkeypatch.undo()
+    folders = sorted((tmp_path / "run1" / "checkpoints").glob("step-*"))
+    assert [f.name for f in folders] == ["step-00000006", "step-00000008"]  # keep_checkpoints=1 plus the best
+    newest = folders[-1] / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    caplog.set_level("INFO", logger="runner")
+    job.execute(make_run(*args))
+    assert f"skipping checkpoint {folders[-1]}: model.safetensors does not match its hash" in caplog.text
+    assert f"resuming from {folders[0]}: step 6, epoch 1, batch 0" in caplog.text
+
+
+def test_a_changed_config_is_a_clear_error_on_resume(make_run, tmp_path, monkeypatch):
+    args = overrides("full", "ce", tmp_path, "run1")
+    crash_at(monkeypatch, "step:5")
+    with pytest.raises(SimulatedKill):
+        job.execute(make_run(*args))
+    monkeypatch.undo()
+    with pytest.raises(RunnerError, match=r"was written by a different config \(train.lr: 0.005 -> 0.001\)"):
+        job.execute(make_run(*args, "train.lr=1e-3"))
+    job.execute(make_run(*args, "train.progress=false", "train.checkpoint_every=2"))  # neutral keys resume
+
+
+def test_a_finished_run_folder_is_an_error_unless_overwrite(make_run, tmp_path):
+    args = ["train.epochs=1", f"output_dir={tmp_path / 'run1'}"]
+    job.execute(make_run(*args))
+    with pytest.raises(RunnerError, match="holds a finished run .metrics.json.: choose another hydra.run.dir, or add "
+                                          "overwrite=true to replace it"):
+        job.execute(make_run(*args))
+    job.execute(make_run(*args, "overwrite=true"))
+
+
+def test_a_killed_k_fold_job_reuses_finished_folds_and_resumes_the_current_one(make_run, tmp_path, monkeypatch, caplog):
+    args = ["cv.folds=3", "train.epochs=2", "train.checkpoint_every=2", "train.deterministic=true",
+            f"output_dir={tmp_path / 'cv'}", "tracking.experiment=cv"]
+    # 96 rows: 64 train per fold = 4 steps an epoch, 8 a fold; global crash at fold 2's step 3
+    calls = {"n": 0}
+
+    def crash(kind, step):
+        if kind == "step" and step == 3:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise SimulatedKill("fold 2")
+    monkeypatch.setattr(train, "crash_point", crash)
+    with pytest.raises(SimulatedKill):
+        job.execute(make_run(*args))
+    monkeypatch.undo()
+    assert (tmp_path / "cv" / "folds" / "fold-0" / "result.json").exists()
+    caplog.set_level("INFO", logger="runner")
+    resumed = job.execute(make_run(*args))
+    assert "fold 1/3 finished before this run was resumed: reusing its metrics" in caplog.text
+    assert "resuming from" in caplog.text
+    whole = job.execute(make_run(*args, f"output_dir={tmp_path / 'cv2'}", "tracking.experiment=cv2"))
+    assert resumed == whole
+    client = mlflow.MlflowClient(tracking_uri=make_run().cfg.tracking.uri)
+    runs = client.search_runs([client.get_experiment_by_name("cv").experiment_id])
+    assert sorted(r.data.tags.get("fold", "job") for r in runs) == ["0", "1", "2", "job"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_no_pickle_anywhere_in_the_package():
+    """Checkpoints and saved models are safetensors and JSON: nothing in the package unpickles."""
+    offenders = []
+    for path in (ROOT / "runner").rglob("*.py"):
+        text = path.read_text()
+        for word in ("import pickle", "pickle.load", "cloudpickle", "dill", "joblib.load"):
+            if word in text:
+                offenders.append(f"{path.name}: {word}")
+        for line in text.splitlines():
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{path.name}: {line.strip()}")
+    assert not offenders
+
+
+# ------------------------------------------------------------------------------------ real signals
+
+
+def cli(tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    from tests.conftest import make_sentences, write_csv
+
+    train_csv = tmp_path / "train.csv"
+    if not train_csv.exists():
+        write_csv(train_csv, make_sentences(96, 0))
+        write_csv(tmp_path / "dev.csv", make_sentences(32, 1))
+    args = [sys.executable, "-m", "runner", "model=tiny", "data=csv", f"data.train={train_csv}",
+            f"data.validation={tmp_path / 'dev.csv'}", "hardware=cpu", "precision=fp32", "train.progress=false",
+            "train.deterministic=true", "train.epochs=2", "train.batch_size=16", "train.checkpoint_every=4",
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra]
+    return subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_while_writing_a_checkpoint_then_the_same_command_resumes(tmp_path):
+    killed = cli(tmp_path, env={"RUNNER_CRASH_AT": "checkpoint:8"})
+    out, _ = killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL, out
+    assert list((tmp_path / "run" / "checkpoints").glob(".tmp-step-00000008-*"))  # the half-written one
+    again = cli(tmp_path)
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    assert "was being written when the run stopped: ignoring it" in out
+    assert "resuming from" in out and "step-00000006" in out
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/accuracy")]
+    assert steps == sorted(set(steps)) == [0, 6, 12]
+
+
+def test_sigterm_checkpoints_marks_the_run_killed_and_exits_143(tmp_path):
+    proc = cli(tmp_path, "train.epochs=200", "train.log_every=1")
+    deadline = time.time() + 240
+    lines = []
+    for line in proc.stdout:  # wait until it trains
+        lines.append(line)
+        if line.startswith("step 0:") or time.time() > deadline:
+            break
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + rest
+    assert proc.returncode == 143, out
+    assert "SIGTERM received: finishing this optimizer step" in out
+    assert "stopped by SIGTERM at step" in out and "run the same command again to resume" in out
+    assert "Traceback" not in out
+    assert list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
+    assert run.info.status == "KILLED"
+    assert json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
