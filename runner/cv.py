@@ -53,6 +53,13 @@ def make_folds(targets: np.ndarray | None, cfg: CVConfig, rows: int | None = Non
     return list(splitter.split(np.zeros(n), groups))
 
 
+def check_folds(data: Dataset, cfg: CVConfig) -> None:
+    """The fold settings fit this data (called before any run opens)."""
+    make_folds(data.train.labels, cfg, len(data.train))
+    if cfg.only_fold is not None and not 0 <= cfg.only_fold < cfg.folds:
+        raise RunnerError(f"cv.only_fold={cfg.only_fold} must be in 0..{cfg.folds - 1}")
+
+
 def quantile_bins(values: np.ndarray, bins: int) -> np.ndarray:
     """Bin ids 0..bins-1 by quantiles, so each bin holds about the same number of rows."""
     edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]))
@@ -77,10 +84,9 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
     has finished. A resumed job reuses finished folds and resumes the fold that was interrupted.
     """
     cfg = run.cfg
+    check_folds(data, cfg.cv)
     folds = make_folds(data.train.labels, cfg.cv, len(data.train))
     chosen = range(cfg.cv.folds) if cfg.cv.only_fold is None else [cfg.cv.only_fold]
-    if cfg.cv.only_fold is not None and not 0 <= cfg.cv.only_fold < cfg.cv.folds:
-        raise RunnerError(f"cv.only_fold={cfg.cv.only_fold} must be in 0..{cfg.cv.folds - 1}")
     sign = 1 if cfg.objective.direction == Direction.maximize else -1
     rows, reports, best = [], {}, None
     for i in chosen:

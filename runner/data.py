@@ -66,7 +66,8 @@ def text_fields(cfg: DataConfig) -> list[str]:
     return by_type[cfg.type]
 
 
-def load_dataset(cfg: DataConfig, target: str = "class", need_validation: bool = True) -> Dataset:
+def load_dataset(cfg: DataConfig, target: str = "class", need_validation: bool = True,
+                 score_range: list[float] | None = None) -> Dataset:
     """Read, check and encode the configured splits.
 
     ``target``: "class" (label map of strings or ints), "score" (floats), "multi_label" (several labels
@@ -88,9 +89,13 @@ def load_dataset(cfg: DataConfig, target: str = "class", need_validation: bool =
     test = read("test") if given(cfg, "test") else None
 
     label_names = label_map(train[label], target, cfg.label_separator) if target in ("class", "multi_label") else []
+    if target == "class" and len(label_names) < 2:
+        first = f"its first {cfg.max_train_samples} rows (data.max_train_samples) have" if cfg.max_train_samples else "has"
+        raise DataError(f"data.train {cfg.train}: {first} a single class ({label_names[0]!r} in column "
+                        f"{cfg.label_field!r}): a classifier needs at least two; check data.label_field")
 
     def encode(df: pd.DataFrame, split: str) -> TextSplit:
-        targets = None if label is None else encode_targets(df[label], target, label_names, split, cfg)
+        targets = None if label is None else encode_targets(df[label], target, label_names, split, cfg, score_range)
         return TextSplit([df[f].tolist() for f in fields], targets)
 
     train_split = encode(train, "train")
@@ -174,9 +179,8 @@ def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
                 na_values=[],
             )
     except UnicodeDecodeError as err:
-        raise DataError(
-            f"{path}: not valid {cfg.encoding} text at byte {err.start}; set data.encoding (e.g. latin-1)"
-        ) from err
+        raise DataError(f"{path}: line {undecodable_line(path, cfg.encoding)} is not valid {cfg.encoding} text; set "
+                        f"data.encoding (e.g. latin-1)") from err
     except (pd.errors.ParserError, ValueError) as err:
         raise DataError(
             f"{path}: cannot be read as {fmt}: {str(err).strip()}. Check data.delimiter and data.quoting "
@@ -185,6 +189,17 @@ def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
     if frame.empty:
         raise DataError(f"data.{split}: {path} has a header but no rows")
     return frame
+
+
+def undecodable_line(path: str, encoding: str) -> int | str:
+    """The 1-based number of the first line that does not decode (the parser's offsets are per chunk)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode(encoding)
+            except UnicodeDecodeError:
+                return number
+    return "?"
 
 
 def read_hub_split(cfg: DataConfig, split: str) -> pd.DataFrame:
@@ -207,11 +222,12 @@ def split_labels(value, separator: str) -> list[str]:
 
 
 def label_map(labels: pd.Series, target: str, separator: str) -> list:
-    """Sorted distinct labels; all-integer labels (e.g. "0"/"1" in a csv) become ints."""
+    """Sorted distinct labels; all-integer labels (e.g. "0"/"1" in a csv) become ints. Surrounding spaces
+    are not part of a label (" pos" is "pos"), here and when rows are encoded."""
     if target == "multi_label":
         values = [v for cell in labels.tolist() for v in split_labels(cell, separator)]
     else:
-        values = labels.tolist()
+        values = [v.strip() if isinstance(v, str) else v for v in labels.tolist()]
     try:
         as_int = [int(v) for v in values]
         if all(str(v).strip() == str(i) for v, i in zip(values, as_int)):
@@ -221,7 +237,8 @@ def label_map(labels: pd.Series, target: str, separator: str) -> list:
     return sorted({str(v) for v in values})
 
 
-def encode_targets(labels: pd.Series, target: str, names: list, split: str, cfg: DataConfig) -> np.ndarray:
+def encode_targets(labels: pd.Series, target: str, names: list, split: str, cfg: DataConfig,
+                   score_range: list[float] | None = None) -> np.ndarray:
     """Class ids (int64), scores (float32) or multi-hot rows (float32), with the row of any bad value."""
     where = getattr(cfg, split)
     index = {str(name): i for i, name in enumerate(names)}
@@ -236,9 +253,14 @@ def encode_targets(labels: pd.Series, target: str, names: list, split: str, cfg:
         bad = None
         if target == "score":
             try:
-                out[row] = float(value)
+                out[row] = score = float(value)
             except (TypeError, ValueError):
                 bad = f"score {value!r} is not a number"
+            else:
+                if not np.isfinite(score):
+                    bad = f"score {value!r} is not a finite number"
+                elif score_range and not score_range[0] <= score <= score_range[1]:
+                    bad = f"score {score:g} is outside task.score_range=[{score_range[0]:g}, {score_range[1]:g}]"
         else:
             keys = split_labels(value, cfg.label_separator) if target == "multi_label" else [str(value).strip()]
             unknown = [k for k in keys if k not in index]

@@ -16,7 +16,7 @@ from pathlib import Path
 from runner import artifact, cv, runfolder
 from runner.data import Dataset, load_dataset
 from runner.errors import RunnerError
-from runner.experiment import FitResult, fit_and_evaluate
+from runner.experiment import FitResult, fit_and_evaluate, resume_point
 from runner.hardware import make_accelerator
 from runner.model import check_model, load_tokenizer
 from runner.signals import STOP, Interrupted
@@ -38,11 +38,15 @@ def execute(run: Run) -> float:
         if cfg.train.resume == "auto":  # before the MLflow run is touched: a changed config is an input error
             runfolder.check_checkpoints(out, run.fingerprint())
     k_fold = cfg.cv.folds > 1
-    data = load_dataset(cfg.data, run.task.target, need_validation=not k_fold)
+    data = load_dataset(cfg.data, run.task.target, need_validation=not k_fold, score_range=cfg.task.score_range)
     check_objective(run, data)
     log.info("data: %d train%s%s, %d labels", len(data.train),
              f", {len(data.validation)} validation" if data.validation and not k_fold else "",
              f", {len(data.test)} test" if data.test else "", len(data.label_names))
+    if k_fold:
+        cv.check_folds(data, cfg.cv)
+    if cfg.train.resume not in ("auto", "never"):
+        resume_point(cfg.train.resume, out / "checkpoints")
     tokenizer = load_tokenizer(cfg.model)
     check_model(cfg.model, len(tokenizer), run.mode, run.make_pooling().layers)
     tracker = open_tracker(run, out, accelerator.is_main_process)

@@ -111,6 +111,17 @@ def build_run(cfg: DictConfig, choices: dict[str, str]) -> Run:
     )
 
 
+# What users of the Hugging Face Trainer type, and the runner's name for it.
+TRAINER_NAMES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size":
+    "batch_size", "train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler", "warmup": "warmup_ratio",
+    "eval_steps": "eval_every", "logging_steps": "log_every", "save_steps": "checkpoint_every",
+    "save_total_limit": "keep_checkpoints", "resume_from_checkpoint": "resume", "model_name_or_path": "name_or_path",
+    "max_seq_length": "max_length", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+}
+
+
 def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
     """Keys the typed schemas do not have. ``+train.learning_rate=1e-3`` (what Hydra suggests for a
     misspelled key) adds one even to a typed node; the runner would ignore it, so it is an error."""
@@ -120,7 +131,8 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
     for key in node.keys():
         name = f"{prefix}{key}"
         if allowed is not None and key not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            close = [TRAINER_NAMES[key]] if TRAINER_NAMES.get(key) in allowed else \
+                difflib.get_close_matches(str(key), sorted(allowed), n=1)
             hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(sorted(allowed))}"
             problems.append(f"unknown key {name} ({hint})")
             continue

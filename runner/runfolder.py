@@ -11,7 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from runner.errors import RunnerError
 
@@ -23,8 +28,19 @@ RESULTS = ("model", "checkpoints", "folds", "metrics.json", "report.json", "labe
 HYDRA_ONLY = {".hydra", "runner.log"}  # what Hydra writes before the job starts
 
 
-def prepare(out: Path, overwrite: bool, resume: str) -> None:
-    """Check the folder is writable and not a finished run; clear it for ``overwrite`` / ``resume=never``."""
+class RunFolderCheck(Callback):
+    """Hydra creates the run folder before the job starts: an unwritable one is reported here, in one
+    line, instead of as Hydra's traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_writable(Path(config.hydra.run.dir))
+        except RunnerError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
+
+
+def check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -33,6 +49,11 @@ def prepare(out: Path, overwrite: bool, resume: str) -> None:
     except OSError as err:
         raise RunnerError(f"cannot write to the run folder {out}: {err.strerror}; set hydra.run.dir to a "
                           f"writable folder") from err
+
+
+def prepare(out: Path, overwrite: bool, resume: str) -> None:
+    """Check the folder is writable and not a finished run; clear it for ``overwrite`` / ``resume=never``."""
+    check_writable(out)
     if (out / FINISHED_FILE).exists():
         if not overwrite:
             raise RunnerError(f"{out} holds a finished run ({FINISHED_FILE}): choose another hydra.run.dir, or add "

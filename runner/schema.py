@@ -353,7 +353,7 @@ class RunConfig:
     cv: CVConfig = field(default_factory=CVConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    output_dir: str = MISSING  # the Hydra run folder, filled in by conf/config.yaml
+    output_dir: str | None = None  # the Hydra run folder, filled in by conf/config.yaml (None under --cfg)
     save_model: bool = True
     overwrite: bool = False  # replace a finished run already in output_dir (else that is an error)
 

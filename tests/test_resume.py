@@ -217,24 +217,60 @@ def test_sigkill_while_writing_a_checkpoint_then_the_same_command_resumes(tmp_pa
     assert steps == sorted(set(steps)) == [0, 6, 12]
 
 
-def test_sigterm_checkpoints_marks_the_run_killed_and_exits_143(tmp_path):
-    proc = cli(tmp_path, "train.epochs=200", "train.log_every=1")
-    deadline = time.time() + 240
-    lines = []
-    for line in proc.stdout:  # wait until it trains
+def wait_until_training(proc: subprocess.Popen) -> list[str]:
+    lines, deadline = [], time.time() + 240
+    for line in proc.stdout:
         lines.append(line)
         if line.startswith("step 0:") or time.time() > deadline:
             break
-    time.sleep(1)
-    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.5)
+    return lines
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
+def test_a_signal_checkpoints_marks_the_run_killed_and_exits_128_plus_it(tmp_path, sig):
+    proc = cli(tmp_path, "train.epochs=200")
+    lines = wait_until_training(proc)
+    proc.send_signal(sig)
     rest, _ = proc.communicate(timeout=120)
     out = "".join(lines) + rest
-    assert proc.returncode == 143, out
-    assert "SIGTERM received: finishing this optimizer step" in out
-    assert "stopped by SIGTERM at step" in out and "run the same command again to resume" in out
+    assert proc.returncode == 128 + sig, out
+    assert f"{sig.name} received: finishing this optimizer step" in out
+    assert f"stopped by {sig.name} at step" in out and "run the same command again to resume" in out
     assert "Traceback" not in out
     assert list((tmp_path / "run" / "checkpoints").glob("step-*"))
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
     assert run.info.status == "KILLED"
     assert json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
+
+
+def test_a_second_signal_exits_at_once(monkeypatch, caplog):
+    """Standard signals sent back to back merge into one in the kernel, so the handler is driven directly."""
+    from runner.signals import StopRequests
+
+    exits = []
+    monkeypatch.setattr(os, "_exit", exits.append)
+    stop = StopRequests()
+    stop.handle(signal.SIGTERM, None)
+    assert stop.received == signal.SIGTERM and exits == []
+    stop.handle(signal.SIGINT, None)
+    assert exits == [128 + signal.SIGINT]
+    assert "second SIGINT: exiting now, without a checkpoint" in caplog.text
+
+
+def test_three_runs_started_at_once_on_a_fresh_outputs_folder_all_finish(tmp_path):
+    """The first runs on a new SQLite MLflow store take turns creating it (no 'duplicate column name')."""
+    from tests.conftest import make_sentences, write_csv
+
+    write_csv(tmp_path / "train.csv", make_sentences(48, 0))
+    args = [sys.executable, "-m", "runner", "model=tiny", "data=csv", f"data.train={tmp_path / 'train.csv'}",
+            "hardware=cpu", "precision=fp32", "train.progress=false", "train.epochs=1"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
+    assert len({r.data.tags["output_dir"] for r in runs}) == 3

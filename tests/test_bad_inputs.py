@@ -1,0 +1,204 @@
+"""A catalog of bad inputs, tried as a new user would: each is one clear message and a non-zero exit,
+and leaves nothing half-done (no run folder of a run that did no work, no MLflow run).
+
+Each case runs ``python -m runner`` in-process (Hydra's real entry point, argv and all) on the tiny
+model and the toy data, from a fresh working directory.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+
+from runner.run import main
+from tests.conftest import make_sentences, write_csv
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    sys.argv = ["runner", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def mlflow_runs(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as con:
+        tables = {r[0] for r in con.execute("select name from sqlite_master where type='table'")}
+        return con.execute("select count(*) from runs").fetchone()[0] if "runs" in tables else 0
+
+
+@pytest.fixture
+def base(tmp_path, tokenizer_dir, toy_data, monkeypatch) -> list[str]:
+    monkeypatch.chdir(tmp_path)
+    return ["model=tiny", f"model.tokenizer={tokenizer_dir}", "data=csv", f"data.train={toy_data['train']}",
+            f"data.validation={toy_data['validation']}", "hardware=cpu", "precision=fp32", "train.epochs=1",
+            "train.progress=false", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+
+
+def write(tmp_path: Path, name: str, text: str, encoding: str = "utf-8") -> str:
+    path = tmp_path / name
+    path.write_bytes(text.encode(encoding))
+    return str(path)
+
+
+def three_classes(tmp):
+    rows = make_sentences(60, 0, labels=("pos", "neg", "meh"))
+    return [f"data.train={write_csv(tmp / 'three.csv', rows)}", "data.validation=null"]
+
+
+def one_class(tmp):
+    return [f"data.train={write(tmp, 'one.csv', 'text,label' + chr(10) + 'good film,pos' + chr(10) * 1 + 'nice plot,pos' + chr(10))}",
+            "data.validation=null"]
+
+
+def scores(tmp, bad: str):
+    rows = "".join(f"good film {i},{i % 5}\n" for i in range(20)) + f"bad film,{bad}\n"
+    return [f"data.train={write(tmp, 'scores.csv', 'text,score' + chr(10) + rows)}", "data.validation=null",
+            "data.label_field=score", "task.target=score", "task.score_range=[0,5]", "objective.metric=val/spearman"]
+
+
+def triplets(tmp):
+    rows = "\n".join('{"anchor": "good film", "positive": "nice plot", "negative": "bad film"}' for _ in range(8))
+    return [f"data.train={write(tmp, 't.jsonl', rows)}", "data.validation=null", "data.type=triplet",
+            "objective.metric=val/mrr_at_10"]
+
+
+def no_tokenizer_folder(tmp):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=30, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp / "bare")
+    return [f"model.name_or_path={tmp / 'bare'}", "model.random_init=null", "model.tokenizer=null"]
+
+
+def finished_run(tmp):
+    (tmp / "fixed").mkdir()
+    (tmp / "fixed" / "metrics.json").write_text("{}")
+    return ["hydra.run.dir=fixed"]
+
+
+def a_file(tmp, name="afile"):
+    (tmp / name).write_text("x")
+    return tmp / name
+
+
+CASES = [
+    # --- config: composition (Hydra's messages name the key) ---
+    ("unknown option", ["pooling=nope"], "Could not find 'pooling/nope'", 1),
+    ("wrong type", ["train.lr=abc"], "Value 'abc' of type 'str' could not be converted to Float", 1),
+    ("misspelled key with +", ["+train.learning_rate=1e-3"], "unknown key train.learning_rate (did you mean train.lr?)", 1),
+    ("near-miss key with +", ["+train.epoch=3"], "unknown key train.epoch (did you mean train.epochs?)", 1),
+    ("unknown key in a group", ["+model.foo=1"], "unknown key model.foo (known keys: max_length, name_or_path, padding_side, "
+     "random_init, revision, text_prefix, tokenizer, trust_remote_code)", 1),
+    ("loss key without a loss", ["+loss.typo=1"], "loss.typo is set but no loss is chosen (loss=null uses the task's default): "
+     "pick one first, e.g. loss=ce, loss=focal or loss=mnrl", 1),
+    ("unknown loss key", ["loss=ce", "+loss.typo=1"], "unknown key loss.typo (known keys: _target_, class_weights, label_smoothing)", 1),
+    ("mistyped loss value", ["loss=focal", "loss.gamma=abc"], "full_key: loss.gamma", 1),
+    ("loss key of no loss", ["loss.margin=abc"], "Could not override 'loss.margin'.", 1),
+    ("loss enum", ["loss=triplet", "loss.distance=manhattan"], "Invalid value 'manhattan', expected one of [cosine, euclidean]", 1),
+    ("padding side enum", ["model.padding_side=middle"], "Invalid value 'middle', expected one of [left, right]", 1),
+    ("similarity enum", ["task.similarity=l2"], "Invalid value 'l2', expected one of [cosine, dot]", 1),
+    ("distill enum", ["distill.embedding_loss=l1"], "Invalid value 'l1', expected one of [mse, cosine]", 1),
+    # --- config: values ---
+    ("negative lr", ["train.lr=-1"], "train.lr=-1.0 must be a positive number", 1),
+    ("batch size 0", ["train.batch_size=0"], "train.batch_size=0 must be at least 1", 1),
+    ("warmup ratio", ["train.warmup_ratio=1.5"], "train.warmup_ratio=1.5 must be in [0, 1)", 1),
+    ("one fold", ["cv.folds=1"], "cv.folds=1 must be 0 (off) or at least 2", 1),
+    ("keep no checkpoint", ["train.keep_checkpoints=0"], "train.keep_checkpoints=0 must be at least 1", 1),
+    ("reversed score range", ["task.score_range=[5,0]"], "task.score_range=[5.0, 0.0] must be two increasing numbers, e.g. [0, 5]", 1),
+    ("one-number score range", ["task.score_range=[5]"], "task.score_range=[5.0] must be two increasing numbers, e.g. [0, 5]", 1),
+    ("threshold", ["task.threshold=1.5"], "task.threshold=1.5 must be in (0, 1)", 1),
+    ("distill alpha", ["distill.alpha=2"], "distill.alpha=2.0 must be in [0, 1]", 1),
+    ("max_steps 0", ["train.max_steps=0"], "train.max_steps=0 must be -1 (use epochs) or at least 1", 1),
+    ("objective of another task", three_classes, None, 1),  # filled below: val/f1 on three classes
+    ("unknown objective", ["objective.metric=val/nope"], "objective.metric=val/nope is not a metric of this run; choose one "
+     "of val/accuracy, val/f1_macro, val/f1_micro, val/precision_macro, val/recall_macro, val/mcc, val/loss, val/f1", 1),
+    ("loss for other outputs", ["loss=mnrl"], "loss MultipleNegativesRanking works on triplet outputs, but this run (single "
+     "data, task.architecture=cross) trains on logits: pick a matching loss", 1),
+    ("head_only embedding model", lambda t: [*triplets(t), "mode=head_only"], "mode=head_only freezes the encoder, and this "
+     "embedding model (triplet data, no head) has nothing else to train: use mode=full or mode=peft, or pooling=weighted "
+     "(learned layer weights)", 1),
+    ("fp16 on cpu", ["precision=fp16"], "precision=fp16 needs a GPU; on CPU use precision=bf16 or precision=fp32", 1),
+    ("gpu without one", ["hardware=gpu"], "hardware=gpu but no CUDA GPU is visible; use hardware=cpu or hardware=auto", 1),
+    # --- model ---
+    ("LoRA targets match nothing", ["mode=peft", "mode.target_modules=[qkv,out_proj]"], "mode.target_modules: ['qkv', "
+     "'out_proj'] match no linear layer of this bert; its linear layers are ['dense', 'key', 'query', 'value']", 1),
+    ("LoRA rank 0", ["mode=peft", "mode.r=0"], "mode: r=0 must be at least 1, alpha=16 positive, dropout=0.1 in [0, 1)", 1),
+    ("freeze more layers than exist", ["mode.freeze_layers=5"], "mode.freeze_layers=5 but the encoder has 2 layers", 1),
+    ("max_length past the positions", ["model.max_length=1000"], "model.max_length=1000 but this encoder takes at most 128 "
+     "tokens: set model.max_length to 128 or less", 1),
+    ("pooling layers out of range", ["pooling=weighted"], "pooling.layers=[-4, -3, -2, -1] but this encoder has 3 hidden "
+     "states (embeddings + 2 layers): use indices from -3 to 2", 1),
+    ("model path that does not exist", ["model.name_or_path=./no/such/model", "model.random_init=null"],
+     "model.name_or_path=./no/such/model: no such folder", 1),
+    ("model folder without tokenizer", no_tokenizer_folder, "has no vocabulary (only 5 special tokens): the folder lacks "
+     "tokenizer files; set model.tokenizer to a folder or hub id that has them", 1),
+    # --- data ---
+    ("missing train file", ["data.train=nope.csv"], "data.train: file not found: nope.csv", 1),
+    ("single class", one_class, "a single class ('pos' in column 'label'): a classifier needs at least two; check "
+     "data.label_field", 1),
+    ("single class after max_train_samples", ["data.max_train_samples=1"], "its first 1 rows (data.max_train_samples) have a "
+     "single class", 1),
+    ("NaN score", lambda t: scores(t, "nan"), "row 22, column 'score': score 'nan' is not a finite number", 1),
+    ("inf score", lambda t: scores(t, "inf"), "row 22, column 'score': score 'inf' is not a finite number", 1),
+    ("score outside the range", lambda t: scores(t, "7"), "row 22, column 'score': score 7 is outside task.score_range=[0, 5]", 1),
+    ("wrong encoding", lambda t: [f"data.train={write(t, 'latin.csv', 'text,label' + chr(10) + 'good,pos' + chr(10) + 'café bad,neg' + chr(10), 'latin-1')}"],
+     "latin.csv: line 3 is not valid utf-8 text; set data.encoding (e.g. latin-1)", 1),
+    ("missing text column", ["data.text_field=sentence"], "no column 'sentence' (data.text_field)", 1),
+    ("empty file", lambda t: [f"data.train={write(t, 'empty.csv', '')}"], "empty.csv is empty", 1),
+    ("validation label unseen in train", lambda t: [f"data.validation={write(t, 'v.csv', 'text,label' + chr(10) + 'x,zzz' + chr(10))}"],
+     "row 2, column 'label': label 'zzz' does not occur in the training data", 1),
+    ("more folds than rows", ["cv.folds=500"], "cv.folds=500: needs 2 <= folds <= the 96 training rows", 1),
+    ("only_fold out of range", ["cv.folds=3", "cv.only_fold=7"], "cv.only_fold=7 must be in 0..2", 1),
+    # --- run folder, resume and tracking ---
+    ("finished run folder", finished_run, "holds a finished run (metrics.json): choose another hydra.run.dir, or add "
+     "overwrite=true to replace it", 1),
+    ("unwritable run folder", lambda t: [f"hydra.run.dir={a_file(t)}/run"], "cannot write to the run folder", 1),
+    ("unwritable tracking store", lambda t: [f"tracking.uri=sqlite:///{a_file(t, 'store')}/mlflow.db"],
+     "mlflow.db is not writable (File exists): set tracking.uri to a writable place, or tracking.enabled=false", 1),
+    ("resume from nothing", ["train.resume=no/such/checkpoint"], "train.resume=no/such/checkpoint: no such folder; give a "
+     "checkpoint folder, auto or never", 1),
+]
+
+
+@pytest.mark.parametrize("name,args,message,code", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(name, args, message, code, base, tmp_path, capsys):
+    extra = args(tmp_path) if callable(args) else args
+    if name == "objective of another task":
+        extra, message = [*extra, "objective.metric=val/f1"], ("objective.metric=val/f1 is not a metric of this run; "
+                                                                "choose one of val/accuracy, val/f1_macro")
+    got, out = run_cli([*base, *extra], capsys)
+    assert got == code, out
+    assert message in out, out
+    assert "Traceback" not in out
+    runs = tmp_path / "outputs" / "runs"
+    assert not runs.exists() or not list(runs.glob("*/*")), "a run that did no work left its folder"
+    assert mlflow_runs(tmp_path / "mlflow.db") == 0, "a bad input opened an MLflow run"
+
+
+def test_the_catalog_is_long_enough():
+    assert len(CASES) >= 40
+
+
+def test_labels_that_differ_only_in_spaces_are_one_class(base, tmp_path, capsys):
+    rows = [(t, f" {label} " if i % 3 == 0 else label) for i, (t, label) in enumerate(make_sentences(60, 0))]
+    train = write_csv(tmp_path / "spaces.csv", rows)
+    code, out = run_cli([*base, f"data.train={train}", "data.validation=null", "hydra.run.dir=run"], capsys)
+    assert code == 0, out
+    assert "2 labels" in out
+    assert (tmp_path / "run" / "labels.json").read_text() == '["neg", "pos"]'
+
+
+def test_cfg_job_resolve_prints_the_config(base, capsys):
+    code, out = run_cli([*base, "--cfg", "job", "--resolve"], capsys)
+    assert code == 0 and "Traceback" not in out
+    assert "output_dir: null" in out and "lr: 5.0e-05" in out
