@@ -35,8 +35,13 @@ def execute(run: Run) -> float:
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         runfolder.prepare(out, cfg.overwrite, cfg.train.resume)
-        if cfg.train.resume == "auto":  # before the MLflow run is touched: a changed config is an input error
-            runfolder.check_checkpoints(out, run.fingerprint())
+    if cfg.train.resume not in ("auto", "never") and runfolder.is_run_folder(Path(cfg.train.resume)):
+        if accelerator.is_main_process:  # a retried sweep trial: the interrupted trial's work comes here
+            runfolder.adopt(out, Path(cfg.train.resume))
+        run = resume_here(run)
+        cfg = run.cfg
+    if accelerator.is_main_process and cfg.train.resume == "auto":
+        runfolder.check_checkpoints(out, run.fingerprint())  # before MLflow is touched: a changed config is an input error
     k_fold = cfg.cv.folds > 1
     data = load_dataset(cfg.data, run.task.target, need_validation=not k_fold, score_range=cfg.task.score_range)
     check_objective(run, data)
@@ -74,6 +79,12 @@ def execute(run: Run) -> float:
         raise
     finally:
         STOP.uninstall()
+
+
+def resume_here(run: Run) -> Run:
+    """The same run, resuming from its own folder (``train.resume=auto``)."""
+    train = dataclasses.replace(run.cfg.train, resume="auto")
+    return dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, train=train))
 
 
 def open_tracker(run: Run, out: Path, main_process: bool) -> Tracker:

@@ -76,6 +76,26 @@ def check_checkpoints(out: Path, fingerprint: dict[str, str]) -> None:
             checkpoint.check_fingerprint(found, saved, fingerprint)
 
 
+def is_run_folder(path: Path) -> bool:
+    """A folder an earlier run worked in (as opposed to one checkpoint folder)."""
+    return path.is_dir() and any((path / name).exists() for name in ("checkpoints", "folds", MLFLOW_FILE))
+
+
+def adopt(out: Path, source: Path) -> None:
+    """Continue the unfinished run of ``source`` in ``out``: its checkpoints, finished folds and MLflow run
+    move here (moved, not copied: one run goes on, and a second retry finds them here)."""
+    if source.resolve() == out.resolve():
+        return
+    if (source / FINISHED_FILE).exists():
+        raise RunnerError(f"train.resume={source}: that run has finished; nothing to resume")
+    log.info("continuing the interrupted run of %s in %s", source, out)
+    for name in ("checkpoints", "folds"):
+        if (source / name).exists() and not (out / name).exists():
+            shutil.move(str(source / name), str(out / name))
+    if (source / MLFLOW_FILE).exists() and not (out / MLFLOW_FILE).exists():
+        shutil.copy(source / MLFLOW_FILE, out / MLFLOW_FILE)
+
+
 def clear(out: Path) -> None:
     for name in RESULTS:
         path = out / name

@@ -162,6 +162,43 @@ def test_peft_model_folder_reloads_with_the_adapter(make_run):
     assert len(artifact.predict_labels(model, tokenizer, meta, ["good film", "bad film"])) == 2
 
 
+def test_peft_on_a_random_base_reloads_to_the_same_weights_every_time(make_run):
+    run = make_run("mode=peft", "train.epochs=2", "data.test=null")
+    job.execute(run)
+    folder = Path(run.cfg.output_dir) / "model"
+    first, tokenizer, meta = artifact.load_model(folder)
+    second, _, _ = artifact.load_model(folder)
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "../base"  # relative: the folder can move
+    from transformers import AutoModel
+    with torch.no_grad():  # the saved base is the plain encoder: no LoRA layers, no missing weights
+        plain = AutoModel.from_pretrained(folder / "base")
+        assert not any("lora" in k or "base_layer" in k for k in plain.state_dict())
+
+
+def test_peft_on_a_local_base_refers_to_it_by_a_relative_path(make_run, tiny_model_dir):
+    run = make_run("mode=peft", "train.epochs=1", "data.test=null", *pretrained(tiny_model_dir))
+    job.execute(run)
+    folder = Path(run.cfg.output_dir) / "model"
+    meta = json.loads((folder / "runner_model.json").read_text())
+    config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert not Path(meta["base_model"]).is_absolute() and meta["base_model"] == config["base_model_name_or_path"]
+    assert (folder / meta["base_model"]).resolve() == Path(tiny_model_dir).resolve()
+    model, tokenizer, loaded = artifact.load_model(folder)
+    assert len(artifact.predict_labels(model, tokenizer, loaded, ["good film"])) == 1
+
+
+def test_the_packaged_minilm_is_referred_to_by_its_hub_id(tmp_path):
+    from runner.schema import ModelConfig
+
+    path = artifact.packaged_path("sentence-transformers/all-MiniLM-L6-v2")
+    reference = artifact.base_reference(ModelConfig(name_or_path=str(path)), tmp_path / "model")
+    assert reference == "sentence-transformers/all-MiniLM-L6-v2"  # never the site-packages path
+    assert Path(artifact.resolve_base(reference, tmp_path / "model")) == path  # found offline when installed
+
+
 def test_a_bad_input_opens_no_mlflow_run(make_run):
     run = make_run("objective.metric=val/nope")
     with pytest.raises(Exception, match="objective.metric=val/nope is not a metric"):

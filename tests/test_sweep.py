@@ -19,7 +19,7 @@ def sweep(tmp_path, tokenizer_dir, toy_data):
     """Run ``python -m runner -m ...`` on the tiny model and toy data, with everything under tmp_path."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    def launch(*overrides: str, name: str = "sweep", expect_ok: bool = True) -> subprocess.CompletedProcess:
+    def launch(*overrides: str, name: str = "sweep", expect_ok: bool = True, env: dict | None = None):
         args = [
             "-m", "model=tiny", f"model.tokenizer={tokenizer_dir}", "data=csv", f"data.train={toy_data['train']}",
             f"data.validation={toy_data['validation']}", "hardware=cpu", "precision=fp32", "train.epochs=1",
@@ -27,7 +27,7 @@ def sweep(tmp_path, tokenizer_dir, toy_data):
             f"hydra.sweep.dir={tmp_path / name}", *overrides,
         ]
         out = subprocess.run([sys.executable, "-m", "runner", *args], cwd=ROOT, capture_output=True, text=True,
-                             timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                             timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
         if expect_ok:
             assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
         return out
@@ -122,6 +122,30 @@ def test_optuna_search_sweep_trials_folds_and_resume(sweep):
     assert len(parents) == 1 and len(children) == 4  # one study, one parent: 3 trials + the killed one
     assert parents[0].info.status == "FINISHED"
     assert client.get_run(killed.info.run_id).info.status == "KILLED"
+
+
+def test_a_killed_trial_is_retried_first_from_its_own_checkpoint(sweep):
+    import json
+
+    storage = f"sqlite:///{sweep.dir / 'optuna.db'}"
+    # 2 folds of 48 rows, batch 16: 3 steps an epoch; SIGKILL at step 5 of fold 0, checkpoint at step 4
+    args = optuna_args(storage, 2, "train.epochs=2", "train.checkpoint_every=2", "train.deterministic=true")
+    killed = sweep(*args, name="first", expect_ok=False, env={"RUNNER_CRASH_AT": "step:5"})
+    assert killed.returncode == -9
+    [trial] = optuna.load_study(study_name="test-head_lr", storage=storage).trials
+    assert trial.state.name == "RUNNING" and trial.user_attrs["job_dir"] == str(sweep.dir / "first" / "0")
+    killed_run = json.loads((sweep.dir / "first" / "0" / "mlflow_run.json").read_text())["run_id"]
+
+    again = sweep(*args, name="second")
+    log = again.stdout + again.stderr
+    assert "retries an interrupted trial from its checkpoints in" in log
+    assert "resuming from" in log and "fold-0/checkpoints/step-00000004" in log
+    trials = optuna.load_study(study_name="test-head_lr", storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].params == trials[0].params  # the retry is the same trial, continued
+    assert json.loads((sweep.dir / "second" / "0" / "mlflow_run.json").read_text())["run_id"] == killed_run
+    client, _ = runs_of(sweep.uri)
+    assert client.get_run(killed_run).info.status == "FINISHED"
 
 
 FAILING_SEARCH = """# @package _global_
