@@ -51,6 +51,9 @@ def execute(run: Run) -> float:
     if k_fold:
         cv.check_folds(data, cfg.cv)
     if cfg.train.resume not in ("auto", "never"):
+        if k_fold:
+            raise RunnerError(f"train.resume={cfg.train.resume} names one checkpoint, but a k-fold job has one per "
+                              f"fold: give the run folder of the interrupted job instead")
         resume_point(cfg.train.resume, out / "checkpoints")
     tokenizer = load_tokenizer(cfg.model)
     check_model(cfg.model, len(tokenizer), run.mode, run.make_pooling().layers)

@@ -1,13 +1,16 @@
 """Stopping on request: SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (SLURM's pre-emption warning).
 
-The first signal only sets a flag; the training loop finishes the optimizer step it is in, writes a
-checkpoint and raises :class:`Interrupted`, the job marks its MLflow run KILLED and the process exits
-with 128 + the signal number (143 for SIGTERM, 130 for Ctrl-C, 138 for SIGUSR1). A second signal exits
-at once, with the same code.
+Inside the training loop the first signal only sets a flag: the loop finishes the optimizer step it is
+in (with its scheduled evaluation, so the resumed run is exact), writes a checkpoint and raises
+:class:`Interrupted`. Outside the loop (loading, the step-0 or final evaluation) there is nothing to
+save, and :class:`Interrupted` is raised at once. Either way the job marks its MLflow run KILLED and the
+process exits with 128 + the signal number (143 for SIGTERM, 130 for Ctrl-C, 138 for SIGUSR1). A second
+signal exits at once, with the same code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -33,12 +36,22 @@ class StopRequests:
     def __init__(self) -> None:
         self.received: int | None = None
         self.previous: dict[int, object] = {}
+        self.deferring = False  # True while the training loop runs: it stops at the end of the step
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread() or self.previous:
             return
         for sig in SIGNALS:
             self.previous[sig] = signal.signal(sig, self.handle)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """While inside, a signal is acted on at the end of the optimizer step (the training loop)."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
 
     def uninstall(self) -> None:
         for sig, handler in self.previous.items():
@@ -51,6 +64,8 @@ class StopRequests:
             log.error("second %s: exiting now, without a checkpoint", signal.Signals(signum).name)
             os._exit(128 + signum)
         self.received = signum
+        if not self.deferring:
+            raise Interrupted(signum, f"stopped by {self.name()} outside training: nothing to checkpoint")
         log.warning("%s received: finishing this optimizer step, then checkpointing and stopping "
                     "(send it again to exit at once)", signal.Signals(signum).name)
 

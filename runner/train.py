@@ -73,40 +73,41 @@ def fit(parts: LoopParts, state: TrainState, cfg: TrainConfig, events: Events, m
     bar = tqdm(total=total, initial=state.step, disable=not (cfg.progress and accelerator.is_main_process), unit="step")
     model.train()
     running, tic = torch.tensor(state.loss_sum, device=accelerator.device), time.perf_counter()
-    while state.step < total and not state.stop:
-        parts.sampler.start(state.epoch, state.batch)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = parts.loss_fn(model, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                parts.optimizer.step()
-                parts.scheduler.step()
-                parts.optimizer.zero_grad(set_to_none=True)
-            running += loss.detach() / cfg.grad_accum
-            state.batch, state.samples = state.batch + 1, state.samples + len(batch["index"])
-            if not accelerator.sync_gradients:
-                continue
-            state.step, state.loss_steps = state.step + 1, state.loss_steps + 1
-            epoch_end = state.batch >= len(loader)
-            if epoch_end:
-                state.epoch, state.batch = state.epoch + 1, 0
-            crash_point("step", state.step)
-            if state.step % cfg.log_every == 0 or state.step == total:
-                log_train(state, running, parts, time.perf_counter() - tic, events.log)
-                tic = time.perf_counter()
-            if state.step % eval_every == 0 or state.step == total:
-                early_stopping(state, model, events.evaluate(state.step)[monitor], cfg, maximize)
-            if epoch_end or STOP.received or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
-                state.loss_sum = running.item()  # a host sync, only when checkpointing
-                where = events.checkpoint(state)
-                if STOP.received:
-                    raise Interrupted(STOP.received, f"stopped by {STOP.name()} at step {state.step}; checkpoint "
-                                      f"{where}: run the same command again to resume")
-            bar.update(1)
-            if state.step >= total or state.stop:
-                break
+    with STOP.deferred():  # a signal now ends the step, checkpoints and stops (runner/signals.py)
+        while state.step < total and not state.stop:
+            parts.sampler.start(state.epoch, state.batch)
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = parts.loss_fn(model, batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    parts.optimizer.step()
+                    parts.scheduler.step()
+                    parts.optimizer.zero_grad(set_to_none=True)
+                running += loss.detach() / cfg.grad_accum
+                state.batch, state.samples = state.batch + 1, state.samples + len(batch["index"])
+                if not accelerator.sync_gradients:
+                    continue
+                state.step, state.loss_steps = state.step + 1, state.loss_steps + 1
+                epoch_end = state.batch >= len(loader)
+                if epoch_end:
+                    state.epoch, state.batch = state.epoch + 1, 0
+                crash_point("step", state.step)
+                if state.step % cfg.log_every == 0 or state.step == total:
+                    log_train(state, running, parts, time.perf_counter() - tic, events.log)
+                    tic = time.perf_counter()
+                if state.step % eval_every == 0 or state.step == total:
+                    early_stopping(state, model, events.evaluate(state.step)[monitor], cfg, maximize)
+                if epoch_end or STOP.received or (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0):
+                    state.loss_sum = running.item()  # a host sync, only when checkpointing
+                    where = events.checkpoint(state)
+                    if STOP.received:
+                        raise Interrupted(STOP.received, f"stopped by {STOP.name()} at step {state.step}; checkpoint "
+                                          f"{where}: run the same command again to resume")
+                bar.update(1)
+                if state.step >= total or state.stop:
+                    break
     bar.close()
     if state.best_weights is not None:  # early stopping: restore the best evaluation's weights
         model.load_state_dict(state.best_weights, strict=False)

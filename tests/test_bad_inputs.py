@@ -165,6 +165,8 @@ CASES = [
     ("unwritable run folder", lambda t: [f"hydra.run.dir={a_file(t)}/run"], "cannot write to the run folder", 1),
     ("unwritable tracking store", lambda t: [f"tracking.uri=sqlite:///{a_file(t, 'store')}/mlflow.db"],
      "mlflow.db is not writable (File exists): set tracking.uri to a writable place, or tracking.enabled=false", 1),
+    ("one checkpoint for k folds", lambda t: ["cv.folds=2", f"train.resume={a_file(t).parent}"], "names one "
+     "checkpoint, but a k-fold job has one per fold: give the run folder of the interrupted job instead", 1),
     ("resume from nothing", ["train.resume=no/such/checkpoint"], "train.resume=no/such/checkpoint: no such folder; give a "
      "checkpoint folder, auto or never", 1),
 ]

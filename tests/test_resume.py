@@ -252,11 +252,20 @@ def test_a_second_signal_exits_at_once(monkeypatch, caplog):
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
     stop = StopRequests()
-    stop.handle(signal.SIGTERM, None)
-    assert stop.received == signal.SIGTERM and exits == []
-    stop.handle(signal.SIGINT, None)
+    with stop.deferred():  # inside the training loop
+        stop.handle(signal.SIGTERM, None)
+        assert stop.received == signal.SIGTERM and exits == []
+        stop.handle(signal.SIGINT, None)
     assert exits == [128 + signal.SIGINT]
     assert "second SIGINT: exiting now, without a checkpoint" in caplog.text
+
+
+def test_a_signal_outside_the_training_loop_stops_at_once():
+    from runner.signals import Interrupted, StopRequests
+
+    with pytest.raises(Interrupted, match="stopped by SIGINT outside training: nothing to checkpoint") as stop:
+        StopRequests().handle(signal.SIGINT, None)
+    assert stop.value.exit_code == 130
 
 
 def test_three_runs_started_at_once_on_a_fresh_outputs_folder_all_finish(tmp_path):
