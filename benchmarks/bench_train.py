@@ -61,7 +61,7 @@ def child_runner(args) -> dict:
     tokenizer = load_tokenizer(run.cfg.model)
     accelerator = make_accelerator(run.cfg.hardware.device, run.cfg.precision.dtype, 1)
     tic = time.perf_counter()
-    result = job.fit_and_evaluate(run, data, tokenizer, accelerator, Tracker("-", "-", enabled=False))
+    result = job.fit_and_evaluate(run, data, tokenizer, accelerator, Tracker("-", "-", enabled=False), Path("/tmp/bench"))
     seconds = time.perf_counter() - tic  # training and the one evaluation at its end, as for the Trainer
     return {"seconds": seconds, "accuracy": result.metrics["val/accuracy"]}
 

@@ -43,6 +43,37 @@ class Encoded(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> int:
         return i
 
+    def collator(self, tokenizer) -> Collator:
+        return Collator(self, tokenizer.pad_token_id, tokenizer.padding_side)
+
+
+class FrozenSplit(torch.utils.data.Dataset):
+    """A split whose texts a frozen encoder has already encoded (``runner.features``): rows of the
+    feature matrix instead of token ids. Batches carry ``{"frozen": (batch, parts, hidden)}`` per column,
+    which the model pools without running its encoder. Equal texts share a row, hence a text id."""
+
+    def __init__(self, vectors: torch.Tensor, rows: torch.Tensor, labels) -> None:
+        self.vectors, self.rows = vectors, rows  # rows: (columns, n)
+        self.labels = None if labels is None else torch.as_tensor(labels)
+        self.text_ids = rows
+        self.lengths = np.ones(rows.shape[1], dtype=np.int64)  # all the same size: batches need no grouping
+
+    def __len__(self) -> int:
+        return self.rows.shape[1]
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collator(self, tokenizer=None):
+        return self.collate
+
+    def collate(self, index: list[int]) -> dict:
+        batch = {"features": [{"frozen": self.vectors[column[index]]} for column in self.rows],
+                 "index": torch.as_tensor(index), "text_ids": self.rows[:, index]}
+        if self.labels is not None:
+            batch["labels"] = self.labels[index]
+        return batch
+
 
 class Collator:
     """Pads a list of item indices into tensors: right or left, as the tokenizer is configured.
@@ -132,7 +163,7 @@ class RandomBatches(LengthGroupedBatches):
 
 
 def make_loader(
-    data: Encoded, tokenizer, batch_size: int, train: bool, seed: int = 0, group_by_length: bool = True, workers: int = 0
+    data: Encoded | FrozenSplit, tokenizer, batch_size: int, train: bool, seed: int = 0, group_by_length: bool = True, workers: int = 0
 ) -> DataLoader:
     """A loader over ``data``; its batch sampler is ``loader.batch_sampler`` (positioned by the loop).
 
@@ -141,8 +172,7 @@ def make_loader(
     """
     sampler_cls = LengthGroupedBatches if (group_by_length or not train) else RandomBatches
     sampler = sampler_cls(data.lengths, batch_size, shuffle=train, seed=seed)
-    collate = Collator(data, tokenizer.pad_token_id, tokenizer.padding_side)
-    return DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+    return DataLoader(data, batch_sampler=sampler, collate_fn=data.collator(tokenizer), num_workers=workers,
                       generator=torch.Generator().manual_seed(seed))
 
 

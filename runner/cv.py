@@ -19,6 +19,7 @@ from runner.artifact import save_trained
 from runner.data import Dataset
 from runner.errors import RunnerError
 from runner.experiment import FitResult, fit_and_evaluate
+from runner.features import FrozenFeatures
 from runner.schema import CVConfig, Direction, KeepModels
 from runner.signals import Interrupted
 from runner.spec import Run
@@ -77,7 +78,8 @@ def aggregate(rows: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tracker, out: Path) -> dict:
+def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tracker, out: Path,
+                   frozen: FrozenFeatures | None = None) -> dict:
     """Train and evaluate one model per fold; returns the job summary (objective = fold mean).
 
     Each fold works in ``out/folds/fold-i``: its checkpoints while it trains, ``result.json`` once it
@@ -97,7 +99,7 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
             saved = json.loads(done.read_text())
             metrics, report = saved["metrics"], saved["reports"]
         else:
-            result = run_fold(run, i, folds[i], data, tokenizer, accelerator, tracker, workdir)
+            result = run_fold(run, i, folds[i], data, tokenizer, accelerator, tracker, workdir, frozen)
             metrics, report = result.metrics, result.reports
             value = metrics[cfg.objective.metric]
             if accelerator.is_main_process and cfg.save_model:
@@ -124,7 +126,7 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
 
 
 def run_fold(run: Run, i: int, split: tuple[np.ndarray, np.ndarray], data: Dataset, tokenizer, accelerator,
-             tracker: Tracker, workdir: Path) -> FitResult:
+             tracker: Tracker, workdir: Path, frozen: FrozenFeatures | None = None) -> FitResult:
     """One fold as a nested MLflow run (continued when the fold is resumed)."""
     train_idx, held_idx = split
     log.info("fold %d/%d: %d train, %d validation", i + 1, run.cfg.cv.folds, len(train_idx), len(held_idx))
@@ -134,7 +136,7 @@ def run_fold(run: Run, i: int, split: tuple[np.ndarray, np.ndarray], data: Datas
     if accelerator.is_main_process:
         runfolder.record_run_id(workdir, child.run_id)
     try:
-        result = fit_and_evaluate(run, fold_data, tokenizer, accelerator, child, workdir)
+        result = fit_and_evaluate(run, fold_data, tokenizer, accelerator, child, workdir, frozen)
     except (Interrupted, KeyboardInterrupt) as stop:
         child.finish("KILLED", str(stop) or "interrupted")
         raise

@@ -19,8 +19,9 @@ from runner import batching, checkpoint
 from runner.data import Dataset
 from runner.distill import Distillation, make_teacher
 from runner.errors import RunnerError
+from runner.features import FrozenFeatures
 from runner.model import TextModel, load_encoder
-from runner.schema import Direction
+from runner.schema import DataType, Direction
 from runner.spec import Run
 from runner.tracking import Tracker
 from runner.train import Events, LoopParts, TrainState, fit, total_steps
@@ -38,15 +39,16 @@ class FitResult:
     best: float | None = None  # best value of the monitored val/* metric during training
 
 
-def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tracker, workdir: Path) -> FitResult:
+def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tracker, workdir: Path,
+                     frozen: FrozenFeatures | None = None) -> FitResult:
     """Build a fresh model, train it on ``data.train`` and evaluate on validation (and test).
 
     Checkpoints go to ``workdir/checkpoints``; with ``train.resume`` a whole one found there (or named)
-    is restored, and training continues from its step as if it had never stopped.
+    is restored, and training continues from its step as if it had never stopped. With ``frozen``
+    (a frozen encoder's output per text) batches carry those vectors instead of token ids.
     """
     cfg, train_cfg, task = run.cfg, run.cfg.train, run.task
-    encoded = {name: batching.Encoded(tokenizer, split.columns, task.scale_targets(split.labels), cfg.model.max_length,
-                                      cfg.model.text_prefix, joint=task.joint and len(split.columns) == 2)
+    encoded = {name: dataset_of(run, split, tokenizer, frozen)
                for name, split in (("train", data.train), ("val", data.validation), ("test", data.test)) if split}
     eval_bs = train_cfg.eval_batch_size or 2 * train_cfg.batch_size
     grouped = train_cfg.group_by_length if train_cfg.group_by_length is not None else task.loss_family == "logits"
@@ -55,7 +57,7 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
     sampler = train_loader.batch_sampler  # accelerate keeps this object: the loop positions it every epoch
     eval_loaders = {k: batching.make_loader(v, tokenizer, eval_bs, train=False) for k, v in encoded.items()}
 
-    model = build_model(run, len(tokenizer), task.num_outputs(data.label_names))
+    model = build_model(run, len(tokenizer), task.num_outputs(data.label_names), frozen.encoder if frozen else None)
     loss_fn = make_loss(run, model, data)
     # fused AdamW: one kernel per step instead of a loop over tensors (the Hugging Face Trainer's default too)
     optimizer = torch.optim.AdamW(param_groups(model, train_cfg.lr, train_cfg.head_lr, train_cfg.weight_decay), fused=True)
@@ -114,6 +116,35 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
     return FitResult(accelerator.unwrap_model(model), metrics, reports, state.best_step, state.step, state.best)
 
 
+def dataset_of(run: Run, split, tokenizer, frozen: FrozenFeatures | None):
+    """Token ids of a split's texts, or rows of the frozen features (head_only)."""
+    task, joint = run.task, run.task.joint and len(split.columns) == 2
+    targets = task.scale_targets(split.labels)
+    if frozen is not None:
+        items = [list(zip(*split.columns))] if joint else split.columns
+        return batching.FrozenSplit(frozen.vectors, torch.stack([frozen.rows_of(col) for col in items]), targets)
+    return batching.Encoded(tokenizer, split.columns, targets, run.cfg.model.max_length, run.cfg.model.text_prefix,
+                            joint=joint)
+
+
+def uses_frozen_features(run: Run) -> bool:
+    """head_only runs its encoder once per text, unless a distillation teacher needs the tokens."""
+    return run.mode.frozen_encoder and not run.cfg.distill.teacher
+
+
+def job_features(run: Run, data: Dataset, tokenizer, accelerator) -> FrozenFeatures:
+    """The frozen encoder's output for every text of the job, through the disk cache (``cache``)."""
+    from runner.features import frozen_features
+
+    cfg = run.cfg
+    encoder = run.mode.apply(load_encoder(cfg.model, len(tokenizer))).to(accelerator.device)
+    cache_dir = Path(cfg.cache.dir or "outputs/cache").resolve() if cfg.cache.enabled else None
+    precision = accelerator.mixed_precision  # "no", "bf16" or "fp16": the vectors depend on it
+    return frozen_features(encoder, tokenizer, data, max_length=cfg.model.max_length, prefix=cfg.model.text_prefix,
+                           layers=run.make_pooling().layers, joint=run.task.joint and cfg.data.type == DataType.pair,
+                           dtype=precision, cache_dir=cache_dir, accelerator=accelerator)
+
+
 def resume_point(resume: str, roots: Path) -> Path | None:
     """The checkpoint to start from: ``auto`` the newest whole one in this run folder, ``never`` none,
     or a named checkpoint folder (or a folder of checkpoints: its newest whole one)."""
@@ -145,11 +176,15 @@ def make_loss(run: Run, model: TextModel, data: Dataset):
     return loss_fn
 
 
-def build_model(run: Run, vocab_size: int, num_outputs: int | None) -> TextModel:
-    encoder = load_encoder(run.cfg.model, vocab_size)
-    if run.cfg.train.gradient_checkpointing:
-        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    encoder = run.mode.apply(encoder)
+def build_model(run: Run, vocab_size: int, num_outputs: int | None, frozen_encoder=None) -> TextModel:
+    """Encoder (loaded, or the job's frozen one), mode applied, pooling and head."""
+    if frozen_encoder is not None:
+        encoder = frozen_encoder
+    else:
+        encoder = load_encoder(run.cfg.model, vocab_size)
+        if run.cfg.train.gradient_checkpointing:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        encoder = run.mode.apply(encoder)
     return TextModel(encoder, run.make_pooling(), num_outputs, run.cfg.train.head_dropout, run.mode.frozen_encoder)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from runner import artifact, cv, runfolder
 from runner.data import Dataset, load_dataset
 from runner.errors import RunnerError
-from runner.experiment import FitResult, fit_and_evaluate, resume_point
+from runner.experiment import FitResult, fit_and_evaluate, job_features, resume_point, uses_frozen_features
 from runner.hardware import make_accelerator
 from runner.model import check_model, load_tokenizer
 from runner.signals import STOP, Interrupted
@@ -61,10 +61,13 @@ def execute(run: Run) -> float:
     STOP.install()
     try:
         tracker.log_params(dataclasses.asdict(cfg))
+        frozen = job_features(run, data, tokenizer, accelerator) if uses_frozen_features(run) else None
+        if frozen is not None:
+            tracker.log_metrics({"cache/hits": frozen.hits, "cache/misses": frozen.misses})
         if k_fold:
-            summary = cv.cross_validate(run, data, tokenizer, accelerator, tracker, out)
+            summary = cv.cross_validate(run, data, tokenizer, accelerator, tracker, out, frozen)
         else:
-            result = fit_and_evaluate(run, data, tokenizer, accelerator, tracker, out)
+            result = fit_and_evaluate(run, data, tokenizer, accelerator, tracker, out, frozen)
             summary = single_summary(run, result)
             if accelerator.is_main_process and cfg.save_model:
                 artifact.save_trained(run, result.model, tokenizer, data.label_names, out / "model")

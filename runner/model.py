@@ -154,7 +154,10 @@ class TextModel(nn.Module):
         return self
 
     def embed(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Pooled sentence vectors of one tokenized text column (input_ids, attention_mask, ...)."""
+        """Pooled sentence vectors of one tokenized text column (input_ids, attention_mask, ...), or of
+        a frozen encoder's output computed once per text (``frozen``: runner.features)."""
+        if "frozen" in features:
+            return self.pooling.from_frozen(features["frozen"])
         inputs = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen_encoder):
             out = self.encoder(**inputs, output_hidden_states=self.pooling.needs_all_layers, return_dict=True)

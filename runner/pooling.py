@@ -44,6 +44,18 @@ class Pooling(nn.Module):
         pooled = self.reduce(tokens, attention_mask.to(tokens.dtype))
         return nn.functional.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
 
+    # -------------------------------------------------------------- frozen encoders (mode=head_only)
+    # An encoder that never changes is run once per text (runner/features.py); what is kept is the layout
+    # of ``frozen_layout``, the same for every pooling, so a search over poolings encodes each text once.
+
+    def from_frozen(self, features: torch.Tensor) -> torch.Tensor:
+        """This pooling's output from the frozen-feature layout (batch, 3 * layers + 1, hidden)."""
+        pooled = self.pick_frozen(features)
+        return nn.functional.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
+
+    def pick_frozen(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def describe(self) -> dict:
         """The config that rebuilds this pooling (saved with the model)."""
         return {
@@ -60,6 +72,9 @@ class MeanPooling(Pooling):
         summed = (tokens * mask.unsqueeze(-1)).sum(dim=1)
         return summed / mask.sum(dim=1, keepdim=True).clamp(min=1e-9)
 
+    def pick_frozen(self, features):
+        return frozen_part(features, 0).mean(dim=1)  # the token mean is linear: per-layer means average
+
 
 class MaxPooling(Pooling):
     """Element-wise maximum over the real tokens."""
@@ -67,6 +82,9 @@ class MaxPooling(Pooling):
     def reduce(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         padded = mask.unsqueeze(-1) == 0
         return tokens.masked_fill(padded, torch.finfo(tokens.dtype).min).max(dim=1).values
+
+    def pick_frozen(self, features):
+        return features[:, -1]  # the maximum is not linear: it is kept for the averaged layers themselves
 
 
 class ClsPooling(Pooling):
@@ -76,6 +94,9 @@ class ClsPooling(Pooling):
         first = mask.argmax(dim=1)  # argmax returns the first maximal index
         return tokens[torch.arange(tokens.size(0), device=tokens.device), first]
 
+    def pick_frozen(self, features):
+        return frozen_part(features, 1).mean(dim=1)
+
 
 class LastTokenPooling(Pooling):
     """The last real token, as decoder embedders (Qwen-style, e5-mistral) use; left or right padding."""
@@ -84,6 +105,9 @@ class LastTokenPooling(Pooling):
         positions = torch.arange(mask.size(1), device=mask.device, dtype=mask.dtype)
         last = (mask * (positions + 1)).argmax(dim=1)  # +1 so position 0 of an all-pad row is not chosen over a real one
         return tokens[torch.arange(tokens.size(0), device=tokens.device), last]
+
+    def pick_frozen(self, features):
+        return frozen_part(features, 2).mean(dim=1)
 
 
 class WeightedLayerPooling(MeanPooling):
@@ -101,3 +125,27 @@ class WeightedLayerPooling(MeanPooling):
         stacked = torch.stack([hidden_states[i] for i in self.layers])  # (layers, batch, seq, hidden)
         weights = torch.softmax(self.layer_logits, dim=0).to(stacked.dtype)
         return torch.einsum("l,lbsh->bsh", weights, stacked)
+
+    def pick_frozen(self, features):
+        # the weighted sum of layers is linear too: the weighted sum of the per-layer token means
+        weights = torch.softmax(self.layer_logits, dim=0).to(features.dtype)
+        return torch.einsum("l,blh->bh", weights, frozen_part(features, 0))
+
+
+def frozen_layout(hidden_states: Sequence[torch.Tensor], mask: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+    """What a frozen encoder's output is kept as, per text: (batch, 3 * len(layers) + 1, hidden) =
+    the token mean, first and last real token of each chosen layer, then the token maximum of the chosen
+    layers' average. Every pooling above (any layers, normalize or not) is computed from it exactly."""
+    mask = mask.to(hidden_states[-1].dtype)
+    per_layer = [[MeanPooling().reduce(hidden_states[i], mask) for i in layers],
+                 [ClsPooling().reduce(hidden_states[i], mask) for i in layers],
+                 [LastTokenPooling().reduce(hidden_states[i], mask) for i in layers]]
+    averaged = torch.stack([hidden_states[i] for i in layers]).mean(dim=0)
+    rows = [t for part in per_layer for t in part] + [MaxPooling().reduce(averaged, mask)]
+    return torch.stack(rows, dim=1)
+
+
+def frozen_part(features: torch.Tensor, part: int) -> torch.Tensor:
+    """Part 0 (means), 1 (first tokens) or 2 (last tokens) of the layout: (batch, layers, hidden)."""
+    n = (features.size(1) - 1) // 3
+    return features[:, part * n : (part + 1) * n]

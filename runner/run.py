@@ -142,7 +142,7 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
     return problems
 
 
-def attach_to_sweep(run, hydra_cfg) -> None:
+def attach_to_sweep(run: Run, hydra_cfg) -> None:
     """Make the job's MLflow run a child of its sweep's run, tagged with what this job overrides."""
     from runner.sweep import sweep_parent
 

@@ -323,6 +323,14 @@ class CVConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The frozen encoder's output per text (mode=head_only), kept on disk for later jobs and trials."""
+
+    enabled: bool = True
+    dir: str | None = None  # None: outputs/cache under the working directory
+
+
+@dataclass
 class ObjectiveConfig:
     metric: str = "val/accuracy"
     direction: Direction = Direction.maximize
@@ -351,6 +359,7 @@ class RunConfig:
     hardware: HardwareConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     cv: CVConfig = field(default_factory=CVConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str | None = None  # the Hydra run folder, filled in by conf/config.yaml (None under --cfg)

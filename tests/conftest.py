@@ -123,6 +123,7 @@ def tiny_overrides(tmp_path, tokenizer_dir, toy_data) -> list[str]:
         f"output_dir={tmp_path / 'run'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "tracking.experiment=test",
+        f"cache.dir={tmp_path / 'cache'}",
     ]
 
 

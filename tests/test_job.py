@@ -13,6 +13,7 @@ from runner import artifact, experiment, job
 from runner.data import load_dataset
 from runner.hardware import make_accelerator
 from runner.model import load_tokenizer
+from runner.spec import Run
 from runner.tracking import Tracker
 
 
@@ -31,7 +32,7 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> str:
     return str(folder)
 
 
-def train(run: job.Run) -> experiment.FitResult:
+def train(run: Run) -> experiment.FitResult:
     """fit_and_evaluate as execute calls it, without the MLflow run, returning the trained model."""
     cfg = run.cfg
     job.seed_everything(cfg.train.seed, False)

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 def run_job(tmp_path: Path, *overrides: str) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "runner", f"hydra.run.dir={tmp_path / 'run'}",
-         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.progress=false", *overrides],
+         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"cache.dir={tmp_path / 'cache'}", "train.progress=false",
+         *overrides],
         cwd=ROOT, capture_output=True, text=True, timeout=1800,
     )
     assert out.returncode == 0, out.stderr[-3000:]

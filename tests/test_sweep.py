@@ -24,7 +24,7 @@ def sweep(tmp_path, tokenizer_dir, toy_data):
             "-m", "model=tiny", f"model.tokenizer={tokenizer_dir}", "data=csv", f"data.train={toy_data['train']}",
             f"data.validation={toy_data['validation']}", "hardware=cpu", "precision=fp32", "train.epochs=1",
             "train.batch_size=16", "train.progress=false", f"tracking.uri={uri}", "tracking.experiment=test",
-            f"hydra.sweep.dir={tmp_path / name}", *overrides,
+            f"hydra.sweep.dir={tmp_path / name}", f"cache.dir={tmp_path / 'cache'}", *overrides,
         ]
         out = subprocess.run([sys.executable, "-m", "runner", *args], cwd=ROOT, capture_output=True, text=True,
                              timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
@@ -146,6 +146,17 @@ def test_a_killed_trial_is_retried_first_from_its_own_checkpoint(sweep):
     assert json.loads((sweep.dir / "second" / "0" / "mlflow_run.json").read_text())["run_id"] == killed_run
     client, _ = runs_of(sweep.uri)
     assert client.get_run(killed_run).info.status == "FINISHED"
+
+
+def test_a_head_only_search_encodes_each_text_once_in_the_whole_sweep(sweep, toy_data):
+    storage = f"sqlite:///{sweep.dir / 'optuna.db'}"
+    sweep(*optuna_args(storage, 3), name="cached")  # head_lr: head lr, dropout and pooling (mean, cls, max)
+    parents, kids = tree(sweep.uri)
+    trials = kids[parents[0].info.run_id]
+    misses = sorted(t.data.metrics["cache/misses"] for t in trials)
+    texts = len(set(pd.read_csv(toy_data["train"])["text"]))
+    assert misses == [0, 0, texts]  # the first trial encodes every text; the others read them all
+    assert sorted(t.data.metrics["cache/hits"] for t in trials) == [0, texts, texts]
 
 
 FAILING_SEARCH = """# @package _global_

@@ -1,0 +1,165 @@
+"""A frozen encoder runs once per text (``mode=head_only``): every epoch, fold and evaluation of a job,
+and through the disk cache every later job and sweep trial, reuse its output.
+
+What is kept per text is :func:`runner.pooling.frozen_layout` (per-layer token means, first and last
+tokens, and the maximum of the averaged layers): every pooling, ``weighted`` included (it is linear in
+the hidden states), is computed from it exactly, so a search over poolings encodes each text once.
+
+The disk cache (``cache.enabled``, ``cache.dir``, default ``outputs/cache``) is one SQLite file per
+encoder setting: the encoder's weights (a hash of every tensor), the tokenizer, ``max_length``,
+``text_prefix``, the pooled layers, the dtype and whether pairs are one sequence. A row per text (keyed
+by its sha256) holds the float32 layout. SQLite's locking lets concurrent sweep workers share a file;
+rows are written with ``INSERT OR IGNORE``, so two workers that encode the same text agree.
+
+Texts are encoded in a canonical order (sorted by text key, then by length, in batches of
+``ENCODE_BATCH``), so a job computes the same vectors whether or not the cache is enabled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runner import batching
+from runner.data import Dataset
+from runner.pooling import frozen_layout
+
+log = logging.getLogger("runner")
+
+ENCODE_BATCH = 64  # fixed, not train.batch_size: a text's vector must not depend on the job's settings
+
+
+@dataclass
+class FrozenFeatures:
+    """The frozen layout of every distinct text (or joint pair) of a job's data."""
+
+    vectors: torch.Tensor  # (texts, 3 * layers + 1, hidden), float32
+    rows: dict[str, int]  # text key -> row of ``vectors``
+    hits: int
+    misses: int
+    encoder: torch.nn.Module  # the frozen encoder they come from: every fold's model shares it
+
+    def rows_of(self, texts: list) -> torch.Tensor:
+        return torch.as_tensor([self.rows[text_key(t)] for t in texts], dtype=torch.long)
+
+
+def text_key(text: str | tuple[str, str]) -> str:
+    raw = text if isinstance(text, str) else json.dumps(list(text))
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def units(data: Dataset, joint: bool) -> list:
+    """The distinct things encoded: single texts, or (a, b) pairs when a pair is one sequence."""
+    seen: dict[str, str | tuple[str, str]] = {}
+    for split in (data.train, data.validation, data.test):
+        if split is None:
+            continue
+        items = zip(*split.columns) if joint else (t for column in split.columns for t in column)
+        for item in items:
+            seen.setdefault(text_key(item), item)
+    return list(seen.values())
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def settings_hash(encoder, tokenizer, max_length: int, prefix: str, layers: list[int], dtype: str, joint: bool) -> str:
+    setting = {"weights": weights_hash(encoder), "tokenizer": tokenizer_hash(tokenizer), "max_length": max_length,
+               "prefix": prefix, "layers": list(layers), "dtype": dtype, "joint": joint, "layout": 1}
+    return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class DiskCache:
+    """One SQLite file of (text key -> float32 layout) rows for one encoder setting."""
+
+    def __init__(self, folder: Path, setting: str, shape: tuple[int, int]) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path, self.shape = folder / f"frozen-{setting}.db", shape
+        self.db = sqlite3.connect(self.path, timeout=300)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS vectors (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+
+    def get(self, keys: list[str]) -> dict[str, np.ndarray]:
+        found = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            query = f"SELECT key, value FROM vectors WHERE key IN ({','.join('?' * len(chunk))})"
+            for key, blob in self.db.execute(query, chunk):
+                found[key] = np.frombuffer(blob, dtype=np.float32).reshape(self.shape)
+        return found
+
+    def put(self, items: dict[str, np.ndarray]) -> None:
+        with self.db:  # one transaction
+            self.db.executemany("INSERT OR IGNORE INTO vectors VALUES (?, ?)",
+                                [(k, np.ascontiguousarray(v, dtype=np.float32).tobytes()) for k, v in items.items()])
+
+    def close(self) -> None:
+        self.db.close()
+
+
+@torch.inference_mode()
+def encode(encoder, tokenizer, items: list, max_length: int, prefix: str, layers: list[int], joint: bool,
+           accelerator) -> torch.Tensor:
+    """The frozen layout of ``items`` (in their order), batched by length."""
+    columns = [[t[0] for t in items], [t[1] for t in items]] if joint else [items]
+    data = batching.Encoded(tokenizer, columns, None, max_length, prefix, joint=joint)
+    loader = batching.make_loader(data, tokenizer, ENCODE_BATCH, train=False)
+    out = torch.empty(0)
+    for batch in loader:
+        features = {k: v.to(accelerator.device) for k, v in batch["features"][0].items()}
+        with accelerator.autocast():
+            hidden = encoder(**features, output_hidden_states=True, return_dict=True).hidden_states
+        layout = frozen_layout(hidden, features["attention_mask"], layers).float().cpu()
+        if not out.numel():
+            out = torch.empty((len(items), *layout.shape[1:]))
+        out[batch["index"]] = layout
+    return out
+
+
+def frozen_features(encoder, tokenizer, data: Dataset, *, max_length: int, prefix: str, layers: list[int], joint: bool,
+                    dtype: str, cache_dir: Path | None, accelerator) -> FrozenFeatures:
+    """The layout of every distinct text of ``data``: from the disk cache where present, else computed."""
+    tic = time.perf_counter()
+    encoder.eval()
+    items = sorted(units(data, joint), key=text_key)  # canonical order: independent of the data's order
+    keys = [text_key(t) for t in items]
+    shape = (3 * len(layers) + 1, encoder.config.hidden_size)
+    cache = None
+    if cache_dir is not None:
+        cache = DiskCache(cache_dir, settings_hash(encoder, tokenizer, max_length, prefix, layers, dtype, joint), shape)
+    found = cache.get(keys) if cache else {}
+    missing = [i for i, k in enumerate(keys) if k not in found]
+    computed = encode(encoder, tokenizer, [items[i] for i in missing], max_length, prefix, layers, joint,
+                      accelerator) if missing else torch.empty(0)
+    if cache is not None:
+        if missing and accelerator.is_main_process:
+            cache.put({keys[i]: computed[j].numpy() for j, i in enumerate(missing)})
+        cache.close()
+    vectors = torch.empty((len(items), *shape))
+    for row, key in enumerate(keys):
+        if key in found:
+            vectors[row] = torch.from_numpy(found[key].copy())
+    if missing:
+        vectors[torch.as_tensor(missing)] = computed
+    log.info("frozen encoder: %d texts, %d from the cache%s, %d encoded (%.1fs)", len(items), len(found),
+             f" {cache.path}" if cache else " (cache.enabled=false)", len(missing), time.perf_counter() - tic)
+    return FrozenFeatures(vectors, {k: i for i, k in enumerate(keys)}, len(found), len(missing), encoder)
