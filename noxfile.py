@@ -4,7 +4,8 @@ a fresh virtualenv per session would re-download torch, and a loose torch spec p
     nox -s tests    the default suite (what CI runs), < 10 minutes on 2 cores
     nox -s slow     real models and data (../shared/data), sweeps: the issues' acceptance figures
     nox -s lint     ruff
-    nox -s bench    throughput and peak memory against the Hugging Face Trainer, side by side
+    nox -s bench    throughput and peak memory against the Hugging Face Trainer, and head_only k-fold against
+                    one SentenceTransformer.encode pass, side by side
 """
 
 import nox
@@ -31,3 +32,4 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_train.py", *session.posargs)
+    session.run("python", "benchmarks/bench_head_only.py")

@@ -21,7 +21,6 @@ from runner.errors import RunnerError
 from runner.experiment import FitResult, fit_and_evaluate
 from runner.features import FrozenFeatures
 from runner.schema import CVConfig, Direction, KeepModels
-from runner.signals import Interrupted
 from runner.spec import Run
 from runner.tracking import Tracker
 
@@ -135,16 +134,8 @@ def run_fold(run: Run, i: int, split: tuple[np.ndarray, np.ndarray], data: Datas
     child = tracker.child(f"fold-{i}", tags={**run.choices, "fold": str(i)}, resume_id=resume_id)
     if accelerator.is_main_process:
         runfolder.record_run_id(workdir, child.run_id)
-    try:
-        result = fit_and_evaluate(run, fold_data, tokenizer, accelerator, child, workdir, frozen)
-    except (Interrupted, KeyboardInterrupt) as stop:
-        child.finish("KILLED", str(stop) or "interrupted")
-        raise
-    except BaseException as err:
-        child.finish("FAILED", f"{type(err).__name__}: {err}")
-        raise
-    child.finish("FINISHED")
-    return result
+    with child.closing():
+        return fit_and_evaluate(run, fold_data, tokenizer, accelerator, child, workdir, frozen)
 
 
 def write_fold_table(rows: list[dict], path: Path) -> None:

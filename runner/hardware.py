@@ -36,21 +36,25 @@ def resolve_device(device: Device) -> str:
     return device.value
 
 
-def resolve_precision(precision: Precision, device: str) -> str:
-    """Accelerate's ``mixed_precision`` value: "no", "bf16" or "fp16"."""
+def resolve_precision(precision: Precision, device: str) -> tuple[str, str]:
+    """Accelerate's ``mixed_precision`` value ("no", "bf16" or "fp16") and why it was chosen."""
     if precision == Precision.auto:
         if device == "gpu":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_fast_bf16() else "no"
+            if torch.cuda.is_bf16_supported():
+                return "bf16", "precision=auto: this GPU supports bf16"
+            return "fp16", "precision=auto: this GPU has no bf16, fp16 with a grad scaler"
+        if cpu_has_fast_bf16():
+            return "bf16", "precision=auto: the CPU has native bf16 instructions (AVX512-BF16/AMX)"
+        return "no", "precision=auto: the CPU has no native bf16 instructions (bf16 would be emulated, slower)"
     if precision == Precision.fp16 and device == "cpu":
         raise RunnerError("precision=fp16 needs a GPU; on CPU use precision=bf16 or precision=fp32")
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision.value]
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision.value], f"precision={precision.value} as set"
 
 
 def make_accelerator(device: Device, precision: Precision, grad_accum: int):
     from accelerate import Accelerator
 
     where = resolve_device(device)
-    mixed = resolve_precision(precision, where)
-    log.info("device: %s, precision: %s", where, {"no": "fp32"}.get(mixed, mixed))
+    mixed, why = resolve_precision(precision, where)
+    log.info("device: %s, precision: %s (%s)", where, {"no": "fp32"}.get(mixed, mixed), why)
     return Accelerator(cpu=where == "cpu", mixed_precision=mixed, gradient_accumulation_steps=grad_accum)

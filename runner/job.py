@@ -19,7 +19,7 @@ from runner.errors import RunnerError
 from runner.experiment import FitResult, fit_and_evaluate, job_features, resume_point, uses_frozen_features
 from runner.hardware import make_accelerator
 from runner.model import check_model, load_tokenizer
-from runner.signals import STOP, Interrupted
+from runner.signals import STOP
 from runner.spec import Run
 from runner.tracking import Tracker, default_uri
 
@@ -60,31 +60,31 @@ def execute(run: Run) -> float:
     tracker = open_tracker(run, out, accelerator.is_main_process)
     STOP.install()
     try:
-        tracker.log_params(dataclasses.asdict(cfg))
-        frozen = job_features(run, data, tokenizer, accelerator) if uses_frozen_features(run) else None
-        if frozen is not None:
-            tracker.log_metrics({"cache/hits": frozen.hits, "cache/misses": frozen.misses})
-        if k_fold:
-            summary = cv.cross_validate(run, data, tokenizer, accelerator, tracker, out, frozen)
-        else:
-            result = fit_and_evaluate(run, data, tokenizer, accelerator, tracker, out, frozen)
-            summary = single_summary(run, result)
-            if accelerator.is_main_process and cfg.save_model:
-                artifact.save_trained(run, result.model, tokenizer, data.label_names, out / "model")
-        if accelerator.is_main_process:
-            write_outputs(run, data, summary, out, tracker)
-        objective = summary["objective"]["value"]
-        log.info("objective %s = %.4f", summary["objective"]["metric"], objective)
-        tracker.finish("FINISHED")
-        return objective
-    except (Interrupted, KeyboardInterrupt) as stop:
-        tracker.finish("KILLED", str(stop) or "interrupted")
-        raise
-    except BaseException as err:
-        tracker.finish("FAILED", f"{type(err).__name__}: {err}")
-        raise
+        with tracker.closing():
+            return train_and_report(run, data, tokenizer, accelerator, tracker, out)
     finally:
         STOP.uninstall()
+
+
+def train_and_report(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tracker, out: Path) -> float:
+    """The work of a checked job: train (k-fold or once), save, write the outputs; the objective."""
+    cfg = run.cfg
+    tracker.log_params(dataclasses.asdict(cfg))
+    frozen = job_features(run, data, tokenizer, accelerator) if uses_frozen_features(run) else None
+    if frozen is not None:
+        tracker.log_metrics({"cache/hits": frozen.hits, "cache/misses": frozen.misses})
+    if cfg.cv.folds > 1:
+        summary = cv.cross_validate(run, data, tokenizer, accelerator, tracker, out, frozen)
+    else:
+        result = fit_and_evaluate(run, data, tokenizer, accelerator, tracker, out, frozen)
+        summary = single_summary(run, result)
+        if accelerator.is_main_process and cfg.save_model:
+            artifact.save_trained(run, result.model, tokenizer, data.label_names, out / "model")
+    if accelerator.is_main_process:
+        write_outputs(run, data, summary, out, tracker)
+    objective = summary["objective"]["value"]
+    log.info("objective %s = %.4f", summary["objective"]["metric"], objective)
+    return objective
 
 
 def resume_here(run: Run) -> Run:

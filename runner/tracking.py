@@ -7,6 +7,7 @@ Only the main process writes; on other ranks the tracker does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import math
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
+from runner.signals import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +166,19 @@ class Tracker:
     def log_artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
         if self.run_id:
             self.client.log_artifact(self.run_id, str(path), folder)
+
+    @contextlib.contextmanager
+    def closing(self):
+        """End the run as the block ends: FINISHED, KILLED (a signal, Ctrl-C) or FAILED with the error."""
+        try:
+            yield self
+        except (Interrupted, KeyboardInterrupt) as stop:
+            self.finish("KILLED", str(stop) or "interrupted")
+            raise
+        except BaseException as err:
+            self.finish("FAILED", f"{type(err).__name__}: {err}")
+            raise
+        self.finish("FINISHED")
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
         if self.run_id:

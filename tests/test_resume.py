@@ -69,7 +69,7 @@ def history(uri: str, experiment: str) -> tuple[str, dict[str, list[tuple[int, f
     assert len(runs) == 1, "a resumed run continues its MLflow run instead of opening another"
     run = runs[0]
     assert run.info.status == "FINISHED"
-    keys = [k for k in run.data.metrics if k != "train/samples_per_s"]
+    keys = [k for k in run.data.metrics if k != "train/samples_per_s" and not k.startswith("cache/")]
     return run.info.run_id, {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
                              for k in keys}
 
