@@ -283,3 +283,28 @@ def test_three_runs_started_at_once_on_a_fresh_outputs_folder_all_finish(tmp_pat
     runs = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FINISHED"] * 3
     assert len({r.data.tags["output_dir"] for r in runs}) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", list(KILLS))
+@pytest.mark.parametrize("loss", ["ce", "mnrl"])
+@pytest.mark.parametrize("mode", ["head_only", "full", "peft"])
+def test_a_sigkilled_process_resumes_to_the_same_weights_and_history(tmp_path, mode, loss, kill):
+    """The matrix above with real SIGKILLs: each run is ``python -m runner`` in its own process."""
+    args = [a for a in overrides(mode, loss, tmp_path, "unused") if not a.startswith(("output_dir", "tracking.exp"))]
+
+    def run(name: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        proc = cli(tmp_path, *args, f"hydra.run.dir={tmp_path / name}", f"tracking.experiment={name}",
+                   f"cache.dir={tmp_path / name / 'cache'}", env=env)
+        out, _ = proc.communicate(timeout=300)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+    assert run("whole").returncode == 0
+    killed = run("killed", {"RUNNER_CRASH_AT": KILLS[kill]})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    resumed = run("killed")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    weights, resumed_weights = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
+    assert all(torch.equal(resumed_weights[k], weights[k]) for k in weights) and weights.keys() == resumed_weights.keys()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert history(uri, "killed")[1] == history(uri, "whole")[1]
