@@ -35,7 +35,7 @@ def main(name: str) -> None:
     subprocess.run(command, cwd=ROOT, check=True)
     runner_accuracy = json.loads((work / "run" / "metrics.json").read_text())["metrics"][f"{metric}/accuracy"]
 
-    from runner.data import TextSplit
+    from runner.data import Dataset, TextSplit
     from runner.features import frozen_features
     from runner.hardware import make_accelerator
     from runner.model import load_encoder, load_tokenizer
@@ -48,16 +48,15 @@ def main(name: str) -> None:
     accelerator = make_accelerator(Device.cpu, Precision.auto, 1)
     train, held = pd.read_csv(DATA / name / train_file), pd.read_csv(DATA / name / eval_file)
 
-    class Both:  # the two splits, as runner.data.Dataset holds them
-        train = TextSplit([train["text"].astype(str).tolist()], None)
-        validation, test = TextSplit([held["text"].astype(str).tolist()], None), None
+    both = Dataset(TextSplit([train["text"].astype(str).tolist()], None),
+                   TextSplit([held["text"].astype(str).tolist()], None), None, [])
 
-    frozen = frozen_features(encoder, tokenizer, Both, max_length=128, prefix="", layers=[-1], joint=False,
+    frozen = frozen_features(encoder, tokenizer, both, max_length=128, prefix="", layers=[-1], joint=False,
                              dtype=accelerator.mixed_precision, cache_dir=work / "cache", accelerator=accelerator)
     assert frozen.misses == 0, "the logistic regression must use the job's own vectors"
     vectors = lambda texts: MeanPooling().from_frozen(frozen.vectors[frozen.rows_of(texts)]).numpy()  # noqa: E731
-    classifier = LogisticRegression(max_iter=5000).fit(vectors(Both.train.texts), train["label"].astype(str))
-    logreg = float(np.mean(classifier.predict(vectors(Both.validation.texts)) == held["label"].astype(str)))
+    classifier = LogisticRegression(max_iter=5000).fit(vectors(both.train.texts), train["label"].astype(str))
+    logreg = float(np.mean(classifier.predict(vectors(both.validation.texts)) == held["label"].astype(str)))
     print(json.dumps({"data": name, "runner_head_only": round(runner_accuracy, 4), "logistic_regression": round(logreg, 4)}))
 
 

@@ -98,14 +98,18 @@ class DiskCache:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS vectors (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
 
-    def get(self, keys: list[str]) -> dict[str, np.ndarray]:
-        found = {}
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
+    def fill(self, keys: list[str], out: torch.Tensor) -> list[int]:
+        """Copy the stored rows of ``keys`` into ``out`` (row i for key i); the indices found."""
+        where = {k: i for i, k in enumerate(keys)}
+        found = []
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
             query = f"SELECT key, value FROM vectors WHERE key IN ({','.join('?' * len(chunk))})"
             for key, blob in self.db.execute(query, chunk):
-                found[key] = np.frombuffer(blob, dtype=np.float32).reshape(self.shape)
-        return found
+                row = where[key]
+                out[row] = torch.from_numpy(np.frombuffer(blob, dtype=np.float32).reshape(self.shape).copy())
+                found.append(row)
+        return sorted(found)
 
     def put(self, items: dict[str, np.ndarray]) -> None:
         with self.db:  # one transaction
@@ -117,22 +121,16 @@ class DiskCache:
 
 
 @torch.inference_mode()
-def encode(encoder, tokenizer, items: list, max_length: int, prefix: str, layers: list[int], joint: bool,
-           accelerator) -> torch.Tensor:
-    """The frozen layout of ``items`` (in their order), batched by length."""
+def encode_into(out: torch.Tensor, rows: torch.Tensor, encoder, tokenizer, items: list, max_length: int, prefix: str,
+                layers: list[int], joint: bool, accelerator) -> None:
+    """Write the frozen layout of ``items[i]`` into ``out[rows[i]]``, batched by length."""
     columns = [[t[0] for t in items], [t[1] for t in items]] if joint else [items]
     data = batching.Encoded(tokenizer, columns, None, max_length, prefix, joint=joint)
-    loader = batching.make_loader(data, tokenizer, ENCODE_BATCH, train=False)
-    out = torch.empty(0)
-    for batch in loader:
+    for batch in batching.make_loader(data, tokenizer, ENCODE_BATCH, train=False):
         features = {k: v.to(accelerator.device) for k, v in batch["features"][0].items()}
         with accelerator.autocast():
             hidden = encoder(**features, output_hidden_states=True, return_dict=True).hidden_states
-        layout = frozen_layout(hidden, features["attention_mask"], layers).float().cpu()
-        if not out.numel():
-            out = torch.empty((len(items), *layout.shape[1:]))
-        out[batch["index"]] = layout
-    return out
+        out[rows[batch["index"]]] = frozen_layout(hidden, features["attention_mask"], layers).float().cpu()
 
 
 def frozen_features(encoder, tokenizer, data: Dataset, *, max_length: int, prefix: str, layers: list[int], joint: bool,
@@ -143,23 +141,20 @@ def frozen_features(encoder, tokenizer, data: Dataset, *, max_length: int, prefi
     items = sorted(units(data, joint), key=text_key)  # canonical order: independent of the data's order
     keys = [text_key(t) for t in items]
     shape = (3 * len(layers) + 1, encoder.config.hidden_size)
+    vectors = torch.empty((len(items), *shape))  # the one copy: hits and new vectors are written into it
     cache = None
     if cache_dir is not None:
         cache = DiskCache(cache_dir, settings_hash(encoder, tokenizer, max_length, prefix, layers, dtype, joint), shape)
-    found = cache.get(keys) if cache else {}
-    missing = [i for i, k in enumerate(keys) if k not in found]
-    computed = encode(encoder, tokenizer, [items[i] for i in missing], max_length, prefix, layers, joint,
-                      accelerator) if missing else torch.empty(0)
-    if cache is not None:
-        if missing and accelerator.is_main_process:
-            cache.put({keys[i]: computed[j].numpy() for j, i in enumerate(missing)})
-        cache.close()
-    vectors = torch.empty((len(items), *shape))
-    for row, key in enumerate(keys):
-        if key in found:
-            vectors[row] = torch.from_numpy(found[key].copy())
+    found = cache.fill(keys, vectors) if cache else []
+    missing = sorted(set(range(len(keys))) - set(found))
     if missing:
-        vectors[torch.as_tensor(missing)] = computed
+        encode_into(vectors, torch.as_tensor(missing), encoder, tokenizer, [items[i] for i in missing], max_length,
+                    prefix, layers, joint, accelerator)
+    if cache is not None:
+        if accelerator.is_main_process:
+            for start in range(0, len(missing), 4096):  # bounded memory for the bytes of one transaction
+                cache.put({keys[i]: vectors[i].numpy() for i in missing[start : start + 4096]})
+        cache.close()
     log.info("frozen encoder: %d texts, %d from the cache%s, %d encoded (%.1fs)", len(items), len(found),
              f" {cache.path}" if cache else " (cache.enabled=false)", len(missing), time.perf_counter() - tic)
     return FrozenFeatures(vectors, {k: i for i, k in enumerate(keys)}, len(found), len(missing), encoder)

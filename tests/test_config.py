@@ -51,7 +51,8 @@ def test_component_configs_bind_to_their_constructor(group):
 
 
 def test_mode_sets_its_learning_rate_and_command_line_wins():
-    assert compose_config(["mode=head_only", "output_dir=x"]).train.lr == pytest.approx(1e-3)
+    head_only = compose_config(["mode=head_only", "output_dir=x"]).train
+    assert (head_only.lr, head_only.epochs) == (pytest.approx(5e-3), 20)
     assert compose_config(["mode=peft", "train.lr=1e-4", "output_dir=x"]).train.lr == pytest.approx(1e-4)
 
 
