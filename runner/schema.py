@@ -187,10 +187,8 @@ class MNRLossConfig:
 
 
 @dataclass
-class CachedMNRLossConfig:
+class CachedMNRLossConfig(MNRLossConfig):  # as CachedMultipleNegativesRanking extends MultipleNegativesRanking
     _target_: str = "runner.losses.CachedMultipleNegativesRanking"
-    scale: float = 20.0
-    similarity: Similarity = Similarity.cosine
     mini_batch_size: int = 32
 
 
