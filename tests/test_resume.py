@@ -103,6 +103,30 @@ def test_a_killed_run_resumes_to_the_same_weights_and_history(make_run, tmp_path
     assert not (tmp_path / "killed" / "checkpoints").exists()  # a finished run keeps its model, not checkpoints
 
 
+@pytest.mark.parametrize("extra", [
+    ["train.early_stopping.patience=2", "train.eval_every=2", "train.epochs=4"],  # best weights, patience state
+    ["train.grad_accum=2", "train.batch_size=8"],  # checkpoints between accumulated micro-batches
+    ["train.warmup_ratio=0.3", "train.scheduler=cosine", "train.max_steps=10"],  # scheduler position, max_steps
+], ids=["early-stopping", "grad-accum", "warmup-cosine-max-steps"])
+def test_resume_is_exact_with_early_stopping_accumulation_and_schedules(make_run, tmp_path, monkeypatch, extra):
+    job.execute(make_run(*overrides("full", "ce", tmp_path, "whole"), *extra))
+    args = [*overrides("full", "ce", tmp_path, "killed"), *extra]
+    crash_at(monkeypatch, "step:7")
+    with pytest.raises(SimulatedKill):
+        job.execute(make_run(*args))
+    monkeypatch.undo()
+    job.execute(make_run(*args))
+    weights, resumed = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
+    assert all(torch.equal(resumed[k], weights[k]) for k in weights)
+    uri = make_run().cfg.tracking.uri
+    assert history(uri, "killed")[1] == history(uri, "whole")[1]
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    killed = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert (killed["steps"], killed["best_step"], killed["metrics"]) == (whole["steps"], whole["best_step"], whole["metrics"])
+    if "train.early_stopping.patience=2" in extra:  # it did stop early, on restored best weights
+        assert whole["best_step"] < whole["steps"] < 24
+
+
 def test_a_truncated_checkpoint_is_skipped_for_the_previous_one(make_run, tmp_path, monkeypatch, caplog):
     args = overrides("full", "ce", tmp_path, "run1")
     crash_at(monkeypatch, "step:9")
