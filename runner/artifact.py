@@ -28,7 +28,7 @@ from hydra.utils import get_class
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from runner.model import TextModel
+from runner.model import TextModel, VectorModel
 from runner.schema import DataType, ModelConfig
 from runner.spec import Run
 
@@ -54,9 +54,13 @@ def sentence_transformers_mode(model: TextModel, is_peft: bool, cross_encoder: b
     return ST_POOLING.get(type(pooling).__name__)
 
 
-def save_trained(run: Run, model: TextModel, tokenizer, label_names: list, folder: Path) -> Path:
+def save_trained(run: Run, model: TextModel | VectorModel, tokenizer, label_names: list, folder: Path) -> Path:
     """The one place a trained model is saved (single runs and k-fold folds alike)."""
     cfg = run.cfg
+    if isinstance(model, VectorModel):
+        saved = save_vector_model(folder, model, label_names, run.config_yaml, type(run.task).__name__)
+        log.info("model saved to %s", folder)
+        return saved
     saved = save_model(folder, model, tokenizer, label_names, base_reference(cfg.model, folder), cfg.model.text_prefix,
                        cfg.model.max_length, run.config_yaml, task=type(run.task).__name__,
                        cross_encoder=run.task.joint and cfg.data.type == DataType.pair)
@@ -165,12 +169,30 @@ def save_model(folder: str | Path, model: TextModel, tokenizer, label_names: lis
     return folder
 
 
-def load_model(folder: str | Path) -> tuple[TextModel, object, dict]:
-    """Rebuild a saved model for inference: (model in eval mode, tokenizer, metadata)."""
+def save_vector_model(folder: Path, model: VectorModel, label_names: list, config_yaml: str, task: str) -> Path:
+    """A head on given embeddings: no encoder, no tokenizer; inputs are vectors of ``dim`` numbers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({f"head.{k}": v.contiguous() for k, v in model.head.state_dict().items()}, folder / "head.safetensors")
+    meta = {"format_version": FORMAT_VERSION, "task": task, "input": "embeddings", "dim": model.dim,
+            "normalize": model.normalize, "head": {"type": "linear", "in_features": model.dim,
+                                                   "out_features": model.head_outputs}, "labels": label_names}
+    (folder / "runner_model.json").write_text(json.dumps(meta, indent=2))
+    (folder / "config.yaml").write_text(config_yaml)
+    return folder
+
+
+def load_model(folder: str | Path) -> tuple[TextModel | VectorModel, object, dict]:
+    """Rebuild a saved model for inference: (model in eval mode, tokenizer (None for a head on given
+    embeddings), metadata)."""
     from transformers import AutoModel, AutoTokenizer
 
     folder = Path(folder)
     meta = json.loads((folder / "runner_model.json").read_text())
+    if meta.get("input") == "embeddings":
+        model = VectorModel(meta["dim"], meta["head"]["out_features"], normalize=meta["normalize"])
+        weights = load_file(folder / "head.safetensors")
+        model.head.load_state_dict({k[5:]: v for k, v in weights.items()})
+        return model.eval(), None, meta
     if meta["encoder"] == "adapter":
         from peft import PeftModel
 

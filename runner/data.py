@@ -8,6 +8,7 @@ a value that is an existing file wins over a split name, so a hub config also ta
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -35,17 +36,19 @@ class TextSplit:
 
     columns: list[list[str]]
     labels: np.ndarray | None
+    vectors: np.ndarray | None = None  # (rows, dim) given embeddings instead of texts (data.embedding_*)
 
     @property
     def texts(self) -> list[str]:
         return self.columns[0]
 
     def __len__(self) -> int:
-        return len(self.columns[0])
+        return len(self.vectors) if self.vectors is not None else len(self.columns[0])
 
     def subset(self, index: np.ndarray) -> TextSplit:
         labels = None if self.labels is None else self.labels[index]
-        return TextSplit([[col[i] for i in index] for col in self.columns], labels)
+        vectors = None if self.vectors is None else self.vectors[index]
+        return TextSplit([[col[i] for i in index] for col in self.columns], labels, vectors)
 
 
 @dataclass
@@ -79,9 +82,11 @@ def load_dataset(cfg: DataConfig, target: str = "class", need_validation: bool =
         raise DataError("data.train is not set: give a file path (data=csv data.train=path/to/train.csv)")
     if cfg.type == DataType.pair and len(cfg.text_fields) != 2:
         raise DataError(f"data.type=pair needs two data.text_fields, got {list(cfg.text_fields)}")
-    fields = text_fields(cfg)
+    vector_input = cfg.given_embeddings
+    fields = [] if vector_input else text_fields(cfg)
     label = None if target == "none" else cfg.label_field
-    read = lambda split: read_split(cfg, split, fields, label)  # noqa: E731
+    raw = [cfg.embedding_field] if cfg.embedding_field else []
+    read = lambda split: read_split(cfg, split, fields, label, raw)  # noqa: E731
     train = read("train")
     if cfg.max_train_samples:
         train = train.iloc[: cfg.max_train_samples]
@@ -96,7 +101,8 @@ def load_dataset(cfg: DataConfig, target: str = "class", need_validation: bool =
 
     def encode(df: pd.DataFrame, split: str) -> TextSplit:
         targets = None if label is None else encode_targets(df[label], target, label_names, split, cfg, score_range)
-        return TextSplit([df[f].tolist() for f in fields], targets)
+        vectors = read_vectors(cfg, df, split) if vector_input else None
+        return TextSplit([df[f].tolist() for f in fields], targets, vectors)
 
     train_split = encode(train, "train")
     if validation is not None:
@@ -121,17 +127,74 @@ def given(cfg: DataConfig, split: str) -> bool:
     return True
 
 
-def read_split(cfg: DataConfig, split: str, fields: list[str], label: str | None) -> pd.DataFrame:
-    """One split as a DataFrame with checked text and label columns (blank texts and labels rejected)."""
+def read_vectors(cfg: DataConfig, frame: pd.DataFrame, split: str) -> np.ndarray:
+    """The given embedding of every row of a split: (rows, dim) float32, all finite, one dimension."""
+    if cfg.embedding_field:
+        where, cells = getattr(cfg, split), frame[cfg.embedding_field].tolist()
+        rows = []
+        for row, cell in enumerate(cells):
+            try:
+                rows.append(np.asarray(json.loads(cell) if isinstance(cell, str) else cell, dtype=np.float32))
+            except (ValueError, TypeError) as err:
+                raise DataError(f"{where}: row {row_number(row, where)}, column {cfg.embedding_field!r} is not a list "
+                                f"of numbers") from err
+        dims = {r.shape for r in rows}
+        if len(dims) != 1 or len(next(iter(dims))) != 1:
+            bad = next(i for i, r in enumerate(rows) if r.shape != rows[0].shape or r.ndim != 1)
+            raise DataError(f"{where}: row {row_number(bad, where)}, column {cfg.embedding_field!r} has "
+                            f"{rows[bad].shape} numbers where the first row has {rows[0].shape}: every vector "
+                            f"needs the same length")
+        vectors = np.stack(rows)
+    else:
+        path = getattr(cfg, f"{split}_embeddings")
+        if not path:
+            raise DataError(f"data.{split}_embeddings is not set: with data.train_embeddings every split needs its "
+                            f"vector file")
+        vectors = load_vector_file(path)[: len(frame)] if split == "train" else load_vector_file(path)
+        if len(vectors) != len(frame):
+            raise DataError(f"data.{split}_embeddings={path} has {len(vectors)} rows, data.{split} has {len(frame)}: "
+                            f"they must be aligned row by row")
+    if not np.isfinite(vectors).all():
+        row = int(np.flatnonzero(~np.isfinite(vectors).all(axis=1))[0])
+        raise DataError(f"data.{split}: the embedding of row {row + 1} is not finite (NaN or inf)")
+    return vectors.astype(np.float32)
+
+
+def load_vector_file(path: str) -> np.ndarray:
+    """A (rows, dim) array from .npy (never unpickled) or .safetensors (its one tensor)."""
+    if not os.path.exists(path):
+        raise DataError(f"embeddings file not found: {path}")
+    if path.endswith(".npy"):
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as err:
+            raise DataError(f"{path}: not a numeric .npy array ({err})") from err
+    elif path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        tensors = load_file(path)
+        if len(tensors) != 1:
+            raise DataError(f"{path} holds {len(tensors)} tensors ({list(tensors)}): save exactly one")
+        array = next(iter(tensors.values()))
+    else:
+        raise DataError(f"embeddings file {path} is neither .npy nor .safetensors")
+    if array.ndim != 2:
+        raise DataError(f"{path}: an array of shape {array.shape}; expected (rows, dim)")
+    return array
+
+
+def read_split(cfg: DataConfig, split: str, fields: list[str], label: str | None, raw: list[str] = ()) -> pd.DataFrame:
+    """One split as a DataFrame with checked text and label columns (blank texts and labels rejected);
+    ``raw`` columns (given embeddings) are checked to exist and kept as they are."""
     source = getattr(cfg, split)
     if os.path.exists(source) or not cfg.hub:
         frame, where = read_table(source, cfg, split), source
     else:
         frame, where = read_hub_split(cfg, source), f"{cfg.hub} [{source}]"
-    columns = fields + ([label] if label else [])
+    columns = fields + ([label] if label else []) + list(raw)
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        key = "label_field" if missing[0] == label else FIELD_KEYS[cfg.type]
+        key = "label_field" if missing[0] == label else "embedding_field" if missing[0] in raw else FIELD_KEYS[cfg.type]
         raise DataError(
             f"{where}: no column {missing[0]!r} (data.{key}); the file has columns {list(frame.columns)}. "
             f"Set data.{key}, or data.delimiter if the columns were not split."

@@ -20,7 +20,7 @@ from runner.data import Dataset
 from runner.distill import Distillation, make_teacher
 from runner.errors import RunnerError
 from runner.features import FrozenFeatures
-from runner.model import TextModel, load_encoder
+from runner.model import TextModel, VectorModel, load_encoder
 from runner.schema import DataType, Direction
 from runner.spec import Run
 from runner.tracking import Tracker
@@ -57,7 +57,11 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
     sampler = train_loader.batch_sampler  # accelerate keeps this object: the loop positions it every epoch
     eval_loaders = {k: batching.make_loader(v, tokenizer, eval_bs, train=False) for k, v in encoded.items()}
 
-    model = build_model(run, len(tokenizer), task.num_outputs(data.label_names), frozen.encoder if frozen else None)
+    if data.train.vectors is not None:  # given embeddings: the model is the head
+        model = VectorModel(data.train.vectors.shape[1], task.num_outputs(data.label_names), train_cfg.head_dropout,
+                            run.make_pooling().normalize)
+    else:
+        model = build_model(run, len(tokenizer), task.num_outputs(data.label_names), frozen.encoder if frozen else None)
     loss_fn = make_loss(run, model, data)
     # fused AdamW: one kernel per step instead of a loop over tensors (the Hugging Face Trainer's default too)
     optimizer = torch.optim.AdamW(param_groups(model, train_cfg.lr, train_cfg.head_lr, train_cfg.weight_decay), fused=True)
@@ -120,6 +124,8 @@ def dataset_of(run: Run, split, tokenizer, frozen: FrozenFeatures | None):
     """Token ids of a split's texts, or rows of the frozen features (head_only)."""
     task, joint = run.task, run.task.joint and len(split.columns) == 2
     targets = task.scale_targets(split.labels)
+    if split.vectors is not None:
+        return batching.FrozenSplit(torch.from_numpy(split.vectors), torch.arange(len(split))[None], targets)
     if frozen is not None:
         items = [list(zip(*split.columns))] if joint else split.columns
         return batching.FrozenSplit(frozen.vectors, torch.stack([frozen.rows_of(col) for col in items]), targets)
@@ -127,9 +133,10 @@ def dataset_of(run: Run, split, tokenizer, frozen: FrozenFeatures | None):
                             joint=joint)
 
 
-def uses_frozen_features(run: Run) -> bool:
-    """head_only runs its encoder once per text, unless a distillation teacher needs the tokens."""
-    return run.mode.frozen_encoder and not run.cfg.distill.teacher
+def uses_frozen_features(run: Run, data: Dataset) -> bool:
+    """head_only runs its encoder once per text, unless a distillation teacher needs the tokens (or the
+    data brings its embeddings)."""
+    return run.mode.frozen_encoder and not run.cfg.distill.teacher and data.train.vectors is None
 
 
 def job_features(run: Run, data: Dataset, tokenizer, accelerator) -> FrozenFeatures:

@@ -55,8 +55,10 @@ def execute(run: Run) -> float:
             raise RunnerError(f"train.resume={cfg.train.resume} names one checkpoint, but a k-fold job has one per "
                               f"fold: give the run folder of the interrupted job instead")
         resume_point(cfg.train.resume, out / "checkpoints")
-    tokenizer = load_tokenizer(cfg.model)
-    check_model(cfg.model, len(tokenizer), run.mode, run.make_pooling().layers)
+    tokenizer = None  # given embeddings need no tokenizer and no encoder
+    if data.train.vectors is None:
+        tokenizer = load_tokenizer(cfg.model)
+        check_model(cfg.model, len(tokenizer), run.mode, run.make_pooling().layers)
     tracker = open_tracker(run, out, accelerator.is_main_process)
     STOP.install()
     try:
@@ -70,7 +72,7 @@ def train_and_report(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
     """The work of a checked job: train (k-fold or once), save, write the outputs; the objective."""
     cfg = run.cfg
     tracker.log_params(dataclasses.asdict(cfg))
-    frozen = job_features(run, data, tokenizer, accelerator) if uses_frozen_features(run) else None
+    frozen = job_features(run, data, tokenizer, accelerator) if uses_frozen_features(run, data) else None
     if frozen is not None:
         tracker.log_metrics({"cache/hits": frozen.hits, "cache/misses": frozen.misses})
     if cfg.cv.folds > 1:

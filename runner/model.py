@@ -167,3 +167,20 @@ class TextModel(nn.Module):
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Logits (or a score) with a head; the sentence embedding without one."""
         return self.head(self.embed(features))
+
+
+class VectorModel(nn.Module):
+    """A head on embeddings computed elsewhere (``data.embedding_field`` / ``data.train_embeddings``):
+    batches carry the vectors as ``frozen``, as a frozen encoder's kept output would be."""
+
+    def __init__(self, dim: int, num_outputs: int, dropout: float = 0.1, normalize: bool = False) -> None:
+        super().__init__()
+        self.dim, self.normalize, self.head_outputs = dim, normalize, num_outputs
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_outputs))
+
+    def embed(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        vectors = features["frozen"]
+        return nn.functional.normalize(vectors, p=2, dim=-1) if self.normalize else vectors
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.head(self.embed(features))

@@ -93,6 +93,13 @@ def build_run(cfg: DictConfig, choices: dict[str, str]) -> Run:
     except InstantiationException as err:  # a component refused its arguments: its own message says why
         cause = err.__cause__
         raise RunnerError(str(cause) if isinstance(cause, (RunnerError, ValueError)) else str(err)) from err
+    data = typed.data
+    if data.given_embeddings:
+        if not mode.frozen_encoder or data.type.value != "single" or typed.distill.teacher:
+            raise RunnerError("data.embedding_field / data.*_embeddings train a head on given vectors: use "
+                              "mode=head_only with data.type=single and no distill.teacher")
+        if data.embedding_field and data.train_embeddings:
+            raise RunnerError("set data.embedding_field or data.train_embeddings (a file per split), not both")
     if mode.frozen_encoder and not task.has_head and not list(make_pooling().parameters()):
         raise RunnerError(
             f"mode=head_only freezes the encoder, and this embedding model ({typed.data.type.value} data, no head) has "

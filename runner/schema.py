@@ -224,6 +224,17 @@ class DataConfig:
     negative_field: str | None = "negative"  # null: in-batch negatives only
     label_field: str = "label"
     label_separator: str = ","  # multi-label cells: "sports,news"
+    # Vectors computed elsewhere instead of texts (mode=head_only trains a head on them): a column holding
+    # one vector per row (a list in jsonl/parquet, a JSON list in csv), or a .npy/.safetensors file per
+    # split, aligned with the rows of data.train / data.validation / data.test
+    embedding_field: str | None = None
+    train_embeddings: str | None = None
+    validation_embeddings: str | None = None
+    test_embeddings: str | None = None
+
+    @property
+    def given_embeddings(self) -> bool:
+        return bool(self.embedding_field or self.train_embeddings)
     format: str | None = None  # csv, tsv, jsonl, parquet; None infers from the extension
     delimiter: str | None = None
     quoting: str = "minimal"  # minimal, all, nonnumeric, none (Python csv module)
