@@ -66,6 +66,8 @@ def execute(run: Run) -> float:
             return train_and_report(run, data, tokenizer, accelerator, tracker, out)
     finally:
         STOP.uninstall()
+        if (out / "runner.log").exists():  # the job's log beside its metrics, whatever the outcome
+            tracker.log_artifact(out / "runner.log")
 
 
 def train_and_report(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tracker, out: Path) -> float:

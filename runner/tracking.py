@@ -13,6 +13,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,15 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def param_text(value: Any) -> str:
+    """How a config value reads in MLflow: enums by their value (``pair``, not ``DataType.pair``)."""
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, (list, tuple)):
+        return str([param_text(v) for v in value])
+    return str(value)
+
+
 class Tracker:
     """A thin MLflow client for one run: params, tags, metrics per step, artifacts, final status."""
 
@@ -139,7 +149,7 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:PARAM_LIMIT]) for k, v in flatten(params).items() if k not in self.params]
+        items = [Param(k, param_text(v)[:PARAM_LIMIT]) for k, v in flatten(params).items() if k not in self.params]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 

@@ -204,3 +204,13 @@ def test_cfg_job_resolve_prints_the_config(base, capsys):
     code, out = run_cli([*base, "--cfg", "job", "--resolve"], capsys)
     assert code == 0 and "Traceback" not in out
     assert "output_dir: null" in out and "lr: 5.0e-05" in out
+
+
+def test_a_run_uploads_its_log_to_mlflow(base, tmp_path, capsys):
+    import mlflow
+
+    code, out = run_cli([*base, "hydra.run.dir=run"], capsys)
+    assert code == 0, out
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
+    assert "runner.log" in {a.path for a in client.list_artifacts(run.info.run_id)}

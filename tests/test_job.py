@@ -135,6 +135,7 @@ def test_execute_writes_outputs_and_a_finished_mlflow_run(make_run, tmp_path, to
     assert mlrun.info.status == "FINISHED"
     assert mlrun.data.metrics["val/accuracy"] == pytest.approx(value)
     assert mlrun.data.params["train.lr"] == "0.01"
+    assert (mlrun.data.params["data.type"], mlrun.data.params["train.scheduler"]) == ("single", "linear")  # not DataType.single
     assert {k: mlrun.data.tags[k] for k in ("model", "mode", "pooling", "data")} == {
         "model": "tiny", "mode": "full", "pooling": "mean", "data": "csv"}
     history = client.get_metric_history(mlrun.info.run_id, "val/accuracy")
