@@ -59,11 +59,10 @@ def save_trained(run: Run, model: TextModel | VectorModel, tokenizer, label_name
     cfg = run.cfg
     if isinstance(model, VectorModel):
         saved = save_vector_model(folder, model, label_names, run.config_yaml, type(run.task).__name__)
-        log.info("model saved to %s", folder)
-        return saved
-    saved = save_model(folder, model, tokenizer, label_names, base_reference(cfg.model, folder), cfg.model.text_prefix,
-                       cfg.model.max_length, run.config_yaml, task=type(run.task).__name__,
-                       cross_encoder=run.task.joint and cfg.data.type == DataType.pair)
+    else:
+        saved = save_model(folder, model, tokenizer, label_names, base_reference(cfg.model, folder),
+                           cfg.model.text_prefix, cfg.model.max_length, run.config_yaml, task=type(run.task).__name__,
+                           cross_encoder=run.task.joint and cfg.data.type == DataType.pair)
     log.info("model saved to %s", folder)
     return saved
 

@@ -24,6 +24,7 @@ point, as a pre-empted job or an out-of-memory kill would.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -184,6 +185,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], saved: dict) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+@functools.cache  # it cannot change while the process runs: one `git` call, not one per checkpoint
 def git_commit() -> str | None:
     """The commit of the runner's own source, when it runs from a git checkout."""
     try:

@@ -53,11 +53,12 @@ def make_folds(targets: np.ndarray | None, cfg: CVConfig, rows: int | None = Non
     return list(splitter.split(np.zeros(n), groups))
 
 
-def check_folds(data: Dataset, cfg: CVConfig) -> None:
-    """The fold settings fit this data (called before any run opens)."""
-    make_folds(data.train.labels, cfg, len(data.train))
+def check_folds(data: Dataset, cfg: CVConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The folds, after checking the fold settings fit this data (also called before any run opens)."""
+    folds = make_folds(data.train.labels, cfg, len(data.train))
     if cfg.only_fold is not None and not 0 <= cfg.only_fold < cfg.folds:
         raise RunnerError(f"cv.only_fold={cfg.only_fold} must be in 0..{cfg.folds - 1}")
+    return folds
 
 
 def quantile_bins(values: np.ndarray, bins: int) -> np.ndarray:
@@ -85,14 +86,14 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
     has finished. A resumed job reuses finished folds and resumes the fold that was interrupted.
     """
     cfg = run.cfg
-    check_folds(data, cfg.cv)
-    folds = make_folds(data.train.labels, cfg.cv, len(data.train))
+    folds = check_folds(data, cfg.cv)
     chosen = range(cfg.cv.folds) if cfg.cv.only_fold is None else [cfg.cv.only_fold]
     sign = 1 if cfg.objective.direction == Direction.maximize else -1
     rows, reports, best = [], {}, None
     for i in chosen:
         workdir = out / "folds" / f"fold-{i}"
         done = workdir / "result.json"
+        result = None
         if done.exists():
             log.info("fold %d/%d finished before this run was resumed: reusing its metrics", i + 1, cfg.cv.folds)
             saved = json.loads(done.read_text())
@@ -100,17 +101,15 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
         else:
             result = run_fold(run, i, folds[i], data, tokenizer, accelerator, tracker, workdir, frozen)
             metrics, report = result.metrics, result.reports
-            value = metrics[cfg.objective.metric]
-            if accelerator.is_main_process and cfg.save_model:
-                if cfg.cv.keep_models == KeepModels.all:
-                    save_trained(run, result.model, tokenizer, data.label_names, workdir / "model")
-                elif cfg.cv.keep_models == KeepModels.best and (best is None or sign * value > sign * best):
-                    save_trained(run, result.model, tokenizer, data.label_names, out / "model")
-            if accelerator.is_main_process:  # written last: the fold is finished
-                done.write_text(json.dumps({"metrics": metrics, "reports": report}))
+        value = metrics[cfg.objective.metric]
+        if result is not None and accelerator.is_main_process:
+            if cfg.save_model and cfg.cv.keep_models == KeepModels.all:
+                save_trained(run, result.model, tokenizer, data.label_names, workdir / "model")
+            elif cfg.save_model and cfg.cv.keep_models == KeepModels.best and (best is None or sign * value > sign * best):
+                save_trained(run, result.model, tokenizer, data.label_names, out / "model")
+            done.write_text(json.dumps({"metrics": metrics, "reports": report}))  # written last: the fold is finished
         rows.append({"fold": i, **metrics})
         reports[f"fold-{i}"] = report
-        value = metrics[cfg.objective.metric]
         best = value if best is None or sign * value > sign * best else best
     stats = aggregate(rows)
     tracker.log_metrics(stats)

@@ -150,7 +150,9 @@ def read_vectors(cfg: DataConfig, frame: pd.DataFrame, split: str) -> np.ndarray
         if not path:
             raise DataError(f"data.{split}_embeddings is not set: with data.train_embeddings every split needs its "
                             f"vector file")
-        vectors = load_vector_file(path)[: len(frame)] if split == "train" else load_vector_file(path)
+        vectors = load_vector_file(path)
+        if split == "train":  # data.max_train_samples keeps the first rows: the file's too
+            vectors = vectors[: len(frame)]
         if len(vectors) != len(frame):
             raise DataError(f"data.{split}_embeddings={path} has {len(vectors)} rows, data.{split} has {len(frame)}: "
                             f"they must be aligned row by row")

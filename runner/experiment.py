@@ -154,7 +154,8 @@ def job_features(run: Run, data: Dataset, tokenizer, accelerator) -> FrozenFeatu
 
 def resume_point(resume: str, roots: Path) -> Path | None:
     """The checkpoint to start from: ``auto`` the newest whole one in this run folder, ``never`` none,
-    or a named checkpoint folder (or a folder of checkpoints: its newest whole one)."""
+    or a named checkpoint folder (or a folder of checkpoints: its newest whole one). A named run folder
+    never gets here: ``job.execute`` adopts it and resumes ``auto``."""
     if resume == "never":
         return None
     if resume == "auto":
@@ -167,7 +168,7 @@ def resume_point(resume: str, roots: Path) -> Path | None:
         if problem:
             raise RunnerError(f"train.resume={resume}: not a usable checkpoint: {problem}")
         return named
-    found = checkpoint.find_latest(named / "checkpoints" if (named / "checkpoints").is_dir() else named)
+    found = checkpoint.find_latest(named)
     if found is None:
         raise RunnerError(f"train.resume={resume}: no whole checkpoint in that folder")
     return found

@@ -56,8 +56,8 @@ def text_key(text: str | tuple[str, str]) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
-def units(data: Dataset, joint: bool) -> list:
-    """The distinct things encoded: single texts, or (a, b) pairs when a pair is one sequence."""
+def units(data: Dataset, joint: bool) -> dict[str, str | tuple[str, str]]:
+    """The distinct things encoded, by text key: single texts, or (a, b) pairs when a pair is one sequence."""
     seen: dict[str, str | tuple[str, str]] = {}
     for split in (data.train, data.validation, data.test):
         if split is None:
@@ -65,7 +65,7 @@ def units(data: Dataset, joint: bool) -> list:
         items = zip(*split.columns) if joint else (t for column in split.columns for t in column)
         for item in items:
             seen.setdefault(text_key(item), item)
-    return list(seen.values())
+    return seen
 
 
 def weights_hash(module: torch.nn.Module) -> str:
@@ -107,7 +107,7 @@ class DiskCache:
             query = f"SELECT key, value FROM vectors WHERE key IN ({','.join('?' * len(chunk))})"
             for key, blob in self.db.execute(query, chunk):
                 row = where[key]
-                out[row] = torch.from_numpy(np.frombuffer(blob, dtype=np.float32).reshape(self.shape).copy())
+                out[row].numpy()[...] = np.frombuffer(blob, dtype=np.float32).reshape(self.shape)  # one copy
                 found.append(row)
         return sorted(found)
 
@@ -138,8 +138,9 @@ def frozen_features(encoder, tokenizer, data: Dataset, *, max_length: int, prefi
     """The layout of every distinct text of ``data``: from the disk cache where present, else computed."""
     tic = time.perf_counter()
     encoder.eval()
-    items = sorted(units(data, joint), key=text_key)  # canonical order: independent of the data's order
-    keys = [text_key(t) for t in items]
+    by_key = units(data, joint)
+    keys = sorted(by_key)  # canonical order: independent of the data's order
+    items = [by_key[k] for k in keys]
     shape = (3 * len(layers) + 1, encoder.config.hidden_size)
     vectors = torch.empty((len(items), *shape))  # the one copy: hits and new vectors are written into it
     cache = None

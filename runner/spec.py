@@ -18,6 +18,7 @@ from runner.modes import Mode
 from runner.pooling import Pooling
 from runner.schema import RunConfig
 from runner.tasks import Task
+from runner.tracking import flatten
 
 # Keys that do not change what a run computes: a checkpoint written under other values still resumes.
 RESUME_NEUTRAL = (
@@ -43,8 +44,8 @@ class Run:
 
     def fingerprint(self) -> dict[str, str]:
         """The flattened config values that decide what is computed (a checkpoint must match them)."""
-        flat = flatten(json.loads(json.dumps(dataclasses.asdict(self.cfg), default=enum_value)))
-        return {k: v for k, v in flat.items() if not k.startswith(RESUME_NEUTRAL)}
+        tree = json.loads(json.dumps(dataclasses.asdict(self.cfg), default=enum_value))
+        return {k: json.dumps(v) for k, v in flatten(tree).items() if not k.startswith(RESUME_NEUTRAL)}
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
@@ -53,12 +54,3 @@ class Run:
 def enum_value(value):
     return getattr(value, "value", str(value))
 
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value)
-    return out
