@@ -1,6 +1,11 @@
 """Reading labelled text from local files or the hub, with errors that name file, row and column.
 
-Local files: csv, tsv, jsonl, parquet (format from the extension unless ``data.format`` is set).
+Local files: csv, tsv, jsonl, parquet (format from the extension unless ``data.format`` is set; the
+delimiter of any other extension, such as .txt, is sniffed and logged). Files are read as they come:
+headerless (``data.header=false`` with ``data.columns`` or 0-based positions), blank lines skipped, CRLF
+and a byte-order mark handled, quoted newlines kept, and a stray quote that would swallow the lines after
+it is an error. A text field may join several columns (``data.text_field=[title,description]``). One file
+may hold every split in a column (``data.split_field`` / ``data.split_values``).
 Hub datasets: ``data.hub`` names the dataset and ``data.train`` / ``validation`` / ``test`` its splits;
 a value that is an existing file wins over a split name, so a hub config also takes local paths.
 """
@@ -11,16 +16,20 @@ import csv
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import ListConfig
 
 from runner.errors import DataError
 from runner.schema import DataConfig, DataType
 
-FORMATS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+DELIMITERS = {"comma": ",", "semicolon": ";", "tab": "\t", "pipe": "|", "space": " ", "\\t": "\t"}
+SPLITS = ("train", "validation", "test")
 log = logging.getLogger("runner")
 FIELD_KEYS = {DataType.single: "text_field", DataType.pair: "text_fields", DataType.triplet: "anchor_field/positive_field/negative_field"}
 QUOTING = {"minimal": csv.QUOTE_MINIMAL, "all": csv.QUOTE_ALL, "nonnumeric": csv.QUOTE_NONNUMERIC, "none": csv.QUOTE_NONE}
@@ -86,23 +95,22 @@ def load_dataset(cfg: DataConfig, target: str = "class", need_validation: bool =
     fields = [] if vector_input else text_fields(cfg)
     label = None if target == "none" else cfg.label_field
     raw = [cfg.embedding_field] if cfg.embedding_field else []
-    read = lambda split: read_split(cfg, split, fields, label, raw)  # noqa: E731
-    train = read("train")
+    frames = read_splits(cfg, fields, label, raw, need_validation)
+    train = frames["train"]
     if cfg.max_train_samples:
         train = train.iloc[: cfg.max_train_samples]
-    validation = read("validation") if given(cfg, "validation") and need_validation else None
-    test = read("test") if given(cfg, "test") else None
+    validation, test = frames.get("validation"), frames.get("test")
 
-    label_names = label_map(train[label], target, cfg.label_separator) if target in ("class", "multi_label") else []
+    label_names = label_map(train["label"], target, cfg.label_separator) if target in ("class", "multi_label") else []
     if target == "class" and len(label_names) < 2:
         first = f"its first {cfg.max_train_samples} rows (data.max_train_samples) have" if cfg.max_train_samples else "has"
         raise DataError(f"data.train {cfg.train}: {first} a single class ({label_names[0]!r} in column "
                         f"{cfg.label_field!r}): a classifier needs at least two; check data.label_field")
 
     def encode(df: pd.DataFrame, split: str) -> TextSplit:
-        targets = None if label is None else encode_targets(df[label], target, label_names, split, cfg, score_range)
+        targets = None if label is None else encode_targets(df["label"], target, label_names, split, cfg, score_range)
         vectors = read_vectors(cfg, df, split) if vector_input else None
-        return TextSplit([df[f].tolist() for f in fields], targets, vectors)
+        return TextSplit([df[f"text{i}"].tolist() for i in range(len(fields))], targets, vectors)
 
     train_split = encode(train, "train")
     if validation is not None:
@@ -112,7 +120,28 @@ def load_dataset(cfg: DataConfig, target: str = "class", need_validation: bool =
     else:
         val_split = None
     test_split = encode(test, "test") if test is not None else None
-    return Dataset(train_split, val_split, test_split, label_names)
+    return Dataset(train_split, val_split, test_split, named_labels(label_names, cfg.label_names, target))
+
+
+def named_labels(labels: list, names, target: str) -> list:
+    """The label list with ``data.label_names`` applied ({1: World}): every label needs a name, and every
+    name a label, so a typo cannot leave a class under its code."""
+    if names is None:
+        return labels
+    if target not in ("class", "multi_label"):
+        raise DataError(f"data.label_names renames class labels; this task's targets are {target}s")
+    if not isinstance(names, Mapping):
+        raise DataError(f"data.label_names must map labels to names ({{1: World, 2: Sports}}), got {names!r}")
+    given = {str(k).strip(): str(v) for k, v in names.items()}
+    unknown = [k for k in given if k not in {str(label) for label in labels}]
+    unnamed = [label for label in labels if str(label) not in given]
+    if unknown or unnamed:
+        problem = f"{unknown} are not labels of the training data" if unknown else f"{unnamed} have no name"
+        raise DataError(f"data.label_names: {problem}; the labels are {labels}")
+    renamed = [given[str(label)] for label in labels]
+    if len(set(renamed)) != len(renamed):
+        raise DataError(f"data.label_names gives two labels the same name: {renamed}")
+    return renamed
 
 
 def given(cfg: DataConfig, split: str) -> bool:
@@ -127,10 +156,110 @@ def given(cfg: DataConfig, split: str) -> bool:
     return True
 
 
+def read_splits(cfg: DataConfig, fields: list, label, raw: list, need_validation: bool) -> dict[str, pd.DataFrame]:
+    """The configured splits as frames of ``text0..``, ``label`` and ``embedding`` columns."""
+    if cfg.split_field is not None:
+        return split_by_column(cfg, fields, label, raw, need_validation)
+    wanted = ["train"] + [s for s in ("validation", "test") if given(cfg, s) and (s == "test" or need_validation)]
+    return {split: select(cfg, *read_source(cfg, split), fields, label, raw) for split in wanted}
+
+
+def split_by_column(cfg: DataConfig, fields: list, label, raw: list, need_validation: bool) -> dict[str, pd.DataFrame]:
+    """Every split from data.train's one file, by the value of its ``data.split_field`` column."""
+    values = cfg.split_values
+    if not isinstance(values, Mapping) or "train" not in values or set(values) - set(SPLITS):
+        raise DataError(f"data.split_field needs data.split_values mapping train (and validation, test) to the "
+                        f"values of that column, e.g. data.split_values={{train: TRAIN, test: TEST}}; got {values!r}")
+    clash = [s for s in ("validation", "test") if getattr(cfg, s)]
+    if clash:
+        raise DataError(f"data.split_field takes every split from data.train's file; unset data.{clash[0]} "
+                        f"(data.{clash[0]}=null) or drop data.split_field")
+    frame, where = read_source(cfg, "train")
+    cells = frame[resolve_column(cfg, frame, cfg.split_field, "split_field", where)].map(lambda v: str(v).strip())
+    wanted = {split: str(value).strip() for split, value in values.items()}
+    out, counts = {}, []
+    for split, value in wanted.items():
+        rows = frame[(cells == value).to_numpy()].reset_index(drop=True)
+        if rows.empty:
+            raise DataError(f"{where}: no row has {value!r} in column {cfg.split_field!r} (data.split_values.{split}); "
+                            f"its values are {sorted(cells.unique().tolist())[:20]}")
+        counts.append(f"{split} {len(rows):,} ({value})")
+        if split != "validation" or need_validation:
+            out[split] = select(cfg, rows, f"{where} [{value}]", fields, label, raw)
+    other = cells[~cells.isin(list(wanted.values()))]
+    dropped = "" if other.empty else f"; {len(other):,} rows with other values dropped ({other.value_counts().to_dict()})"
+    log.info("data: %s by column %r: %s%s", where, cfg.split_field, ", ".join(counts), dropped)
+    return out
+
+
+def read_source(cfg: DataConfig, split: str) -> tuple[pd.DataFrame, str]:
+    """The whole table of one split (a file, or a hub split) and how messages name it."""
+    source = getattr(cfg, split)
+    if os.path.exists(source) or not cfg.hub:
+        return read_table(source, cfg, split), source
+    return read_hub_split(cfg, source), f"{cfg.hub} [{source}]"
+
+
+def select(cfg: DataConfig, frame: pd.DataFrame, where: str, fields: list, label, raw: list) -> pd.DataFrame:
+    """Checked ``text0..`` (strings; several columns joined by data.text_join), ``label`` and ``embedding``
+    columns. A blank text or label is an error that names its row and column."""
+    out = {}
+    keys = FIELD_KEYS[cfg.type].split("/") if cfg.type == DataType.triplet else [FIELD_KEYS[cfg.type]] * len(fields)
+    for i, (spec, key) in enumerate(zip(fields, keys)):
+        specs = list(spec) if isinstance(spec, (list, tuple, ListConfig)) else [spec]
+        if not specs:
+            raise DataError(f"data.{key} is an empty list: name at least one column")
+        columns = [resolve_column(cfg, frame, s, key, where) for s in specs]
+        parts = [checked(frame[c], c, where, required=len(columns) == 1).astype(str).str.strip() for c in columns]
+        text = parts[0] if len(parts) == 1 else joined(parts, cfg.text_join)
+        if len(parts) > 1 and (text == "").any():
+            row = int(np.flatnonzero((text == "").to_numpy())[0])
+            raise DataError(f"{where}: row {row_number(row, where)}: columns {columns} are all empty")
+        out[f"text{i}"] = frame[columns[0]].astype(str) if len(parts) == 1 else text
+    if label is not None:
+        out["label"] = checked(frame[resolve_column(cfg, frame, label, "label_field", where)], label, where)
+    for column in raw:
+        out["embedding"] = checked(frame[resolve_column(cfg, frame, column, "embedding_field", where)], column, where)
+    return pd.DataFrame(out).reset_index(drop=True)
+
+
+def joined(parts: list[pd.Series], separator: str) -> pd.Series:
+    """Row by row, the non-empty parts joined (an empty title does not leave a stray separator)."""
+    return pd.Series([separator.join(p for p in row if p) for row in zip(*(p.tolist() for p in parts))])
+
+
+def checked(values: pd.Series, column, where: str, required: bool = True) -> pd.Series:
+    blank = values.isna() | values.map(lambda v: isinstance(v, str) and not v.strip())
+    if required and blank.any():
+        row = int(np.flatnonzero(blank.to_numpy())[0])
+        raise DataError(f"{where}: row {row_number(row, where)}, column {column!r} is empty")
+    return values.where(~blank, "")
+
+
+def resolve_column(cfg: DataConfig, frame: pd.DataFrame, spec, key: str, where: str):
+    """The frame column a field names: a column name, or a 0-based position (``data.text_field=1``)."""
+    columns = list(frame.columns)
+    if spec in columns:
+        return spec
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().isdigit()):
+        position = int(spec)
+        if position < len(columns):
+            return columns[position]
+        raise DataError(f"{where}: data.{key}={spec} is column position {position} (0-based), but the file has "
+                        f"{len(columns)} columns: {columns}")
+    if not cfg.header and not cfg.columns:
+        raise DataError(f"{where}: data.header=false and the columns have no names: name them "
+                        f"(data.columns=[label,text]) or refer to them by 0-based position (data.{key}=1)")
+    hint = ("the whole line is one column: set data.delimiter (comma, semicolon, tab, pipe or the character)"
+            if len(columns) == 1 else "if the file's first line is data, not column names, set data.header=false "
+            "and name the columns (data.columns=[...])")
+    raise DataError(f"{where}: no column {spec!r} (data.{key}); the file has columns {columns}. Set data.{key}; {hint}")
+
+
 def read_vectors(cfg: DataConfig, frame: pd.DataFrame, split: str) -> np.ndarray:
     """The given embedding of every row of a split: (rows, dim) float32, all finite, one dimension."""
     if cfg.embedding_field:
-        where, cells = getattr(cfg, split), frame[cfg.embedding_field].tolist()
+        where, cells = getattr(cfg, split), frame["embedding"].tolist()
         rows = []
         for row, cell in enumerate(cells):
             try:
@@ -185,64 +314,33 @@ def load_vector_file(path: str) -> np.ndarray:
     return array
 
 
-def read_split(cfg: DataConfig, split: str, fields: list[str], label: str | None, raw: list[str] = ()) -> pd.DataFrame:
-    """One split as a DataFrame with checked text and label columns (blank texts and labels rejected);
-    ``raw`` columns (given embeddings) are checked to exist and kept as they are."""
-    source = getattr(cfg, split)
-    if os.path.exists(source) or not cfg.hub:
-        frame, where = read_table(source, cfg, split), source
-    else:
-        frame, where = read_hub_split(cfg, source), f"{cfg.hub} [{source}]"
-    columns = fields + ([label] if label else []) + list(raw)
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        key = "label_field" if missing[0] == label else "embedding_field" if missing[0] in raw else FIELD_KEYS[cfg.type]
-        raise DataError(
-            f"{where}: no column {missing[0]!r} (data.{key}); the file has columns {list(frame.columns)}. "
-            f"Set data.{key}, or data.delimiter if the columns were not split."
-        )
-    frame = frame[columns].reset_index(drop=True)
-    for column in columns:
-        values = frame[column]
-        blank = values.isna() | values.map(lambda v: isinstance(v, str) and not v.strip())
-        if blank.any():
-            row = int(np.flatnonzero(blank.to_numpy())[0])
-            raise DataError(f"{where}: row {row_number(row, where)}, column {column!r} is empty")
-    for field in fields:
-        frame[field] = frame[field].astype(str)
-    return frame
-
-
 def row_number(index: int, where: str) -> int:
     """1-based line number in the file as a user sees it (header line counted for csv/tsv)."""
     return index + 2 if Path(where).suffix.lower() in (".csv", ".tsv", ".txt") else index + 1
 
 
 def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
+    """A whole local file as read: named columns (header, data.columns) or positions (data.header=false)."""
     if not os.path.exists(path):
         raise DataError(f"data.{split}: file not found: {path} (relative paths start from {os.getcwd()})")
     if os.path.getsize(path) == 0:
         raise DataError(f"data.{split}: {path} is empty")
-    fmt = cfg.format or FORMATS.get(Path(path).suffix.lower())
-    if fmt not in ("csv", "tsv", "jsonl", "parquet"):
-        raise DataError(f"data.{split}: cannot tell the format of {path}; set data.format=csv|tsv|jsonl|parquet")
+    fmt = cfg.format or FORMATS.get(Path(path).suffix.lower()) or "delimited"
+    if fmt not in ("csv", "tsv", "jsonl", "parquet", "delimited"):
+        raise DataError(f"data.format={fmt!r} is not one of csv, tsv, jsonl, parquet")
     if cfg.quoting not in QUOTING:
         raise DataError(f"data.quoting={cfg.quoting!r} is not one of {list(QUOTING)}")
+    encoding = "utf-8-sig" if cfg.encoding.lower().replace("_", "-") in ("utf-8", "utf8") else cfg.encoding  # a BOM is not text
     try:
         if fmt == "parquet":
             frame = pd.read_parquet(path)
         elif fmt == "jsonl":
-            frame = pd.read_json(path, lines=True, encoding=cfg.encoding, dtype=False)
+            frame = read_jsonl(path, encoding)
         else:
-            frame = pd.read_csv(
-                path,
-                sep=cfg.delimiter or ("\t" if fmt == "tsv" else ","),
-                quoting=QUOTING[cfg.quoting],
-                encoding=cfg.encoding,
-                dtype=str,
-                keep_default_na=False,
-                na_values=[],
-            )
+            sep = delimiter(cfg, fmt, path, encoding)
+            frame = pd.read_csv(path, sep=sep, quoting=QUOTING[cfg.quoting], encoding=encoding, dtype=str,
+                                header=0 if cfg.header else None, keep_default_na=False, na_values=[])
+            check_stray_quotes(frame, sep, path, cfg.quoting)
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: line {undecodable_line(path, cfg.encoding)} is not valid {cfg.encoding} text; set "
                         f"data.encoding (e.g. latin-1)") from err
@@ -251,9 +349,81 @@ def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
             f"{path}: cannot be read as {fmt}: {str(err).strip()}. Check data.delimiter and data.quoting "
             f"(data.quoting=none when fields contain raw quote characters)"
         ) from err
+    if not cfg.header and fmt in ("parquet", "jsonl") and not all(isinstance(c, int) for c in frame.columns):
+        raise DataError(f"data.header=false applies to csv/tsv files (and jsonl rows that are lists); {path} names "
+                        f"its columns: {list(frame.columns)}. Drop data.header=false")
+    if cfg.columns:
+        if len(cfg.columns) != len(frame.columns):
+            raise DataError(f"{path}: data.columns names {len(cfg.columns)} columns ({list(cfg.columns)}) but the file "
+                            f"has {len(frame.columns)}" + ("" if cfg.header or len(frame.columns) > 1 else
+                                                           "; all in one: set data.delimiter"))
+        frame.columns = list(cfg.columns)
     if frame.empty:
         raise DataError(f"data.{split}: {path} has a header but no rows")
+    blank = blank_lines(path, encoding) if fmt != "parquet" else 0
+    log.info("data.%s: %s rows read from %s%s", split, f"{len(frame):,}", path,
+             f" ({blank} blank lines skipped)" if blank else "")
     return frame
+
+
+def delimiter(cfg: DataConfig, fmt: str, path: str, encoding: str) -> str:
+    """data.delimiter (a character or a name such as semicolon/tab), the format's own, or sniffed and logged."""
+    if cfg.delimiter:
+        sep = DELIMITERS.get(cfg.delimiter.lower(), cfg.delimiter)
+        if len(sep) != 1:
+            raise DataError(f"data.delimiter={cfg.delimiter!r}: give one character or one of {list(DELIMITERS)[:5]}")
+        return sep
+    if fmt != "delimited":
+        return "\t" if fmt == "tsv" else ","
+    with open(path, encoding=encoding, errors="replace", newline="") as f:
+        sample = f.read(65536)
+    try:
+        sep = csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+    except csv.Error as err:
+        raise DataError(f"{path}: cannot tell how its columns are separated; set data.delimiter (comma, semicolon, "
+                        f"tab, pipe or the character) or data.format=csv|tsv|jsonl|parquet") from err
+    name = {v: k for k, v in DELIMITERS.items()}[sep]
+    log.info("%s: no data.delimiter for a %s file: it looks %s-separated (data.delimiter=%s)",
+             path, Path(path).suffix or "extensionless", name, name)
+    return sep
+
+
+def read_jsonl(path: str, encoding: str) -> pd.DataFrame:
+    """One JSON object (or list: a headerless row) per line; blank lines skipped; a bad line is named."""
+    rows = []
+    with open(path, encoding=encoding) as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}: line {number} is not JSON ({err.msg}, column {err.colno})") from err
+    kinds = {type(r) for r in rows}
+    if kinds - {dict} and kinds - {list}:
+        raise DataError(f"{path}: every line must be a JSON object (or every line a list); found {sorted(k.__name__ for k in kinds)}")
+    return pd.DataFrame(rows)
+
+
+def check_stray_quotes(frame: pd.DataFrame, sep: str, path: str, quoting: str) -> None:
+    """A quote that opens a field and never closes on its line swallows the lines after it into one cell
+    (raw SMS or tweets). A quoted cell spanning lines that each look like a row of their own is that."""
+    if quoting == "none":
+        return
+    for column in frame.columns:
+        values = frame[column]
+        multiline = values[values.str.contains("\n", regex=False)]
+        for row, cell in multiline.items():
+            lines = cell.split("\n")[1:]
+            if sum(sep in line for line in lines) >= max(1, len(lines) // 2):
+                raise DataError(f"{path}: row {int(row) + 1}, column {column!r} runs over {len(lines) + 1} lines that look like "
+                                f"rows of their own ({cell[:60]!r}...): a stray quote character in the text opened a "
+                                f"quoted field. Set data.quoting=none to read quote characters as text")
+
+
+def blank_lines(path: str, encoding: str) -> int:
+    """How many blank lines the reader skipped (reported in the log)."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if not line.strip())
 
 
 def undecodable_line(path: str, encoding: str) -> int | str:
@@ -271,7 +441,7 @@ def read_hub_split(cfg: DataConfig, split: str) -> pd.DataFrame:
     import datasets
 
     try:
-        return datasets.load_dataset(cfg.hub, cfg.hub_config, split=split).to_pandas()
+        return datasets.load_dataset(cfg.hub, cfg.hub_config, split=split, revision=cfg.revision).to_pandas()
     except Exception as err:  # network, unknown split, offline mode: one message, not a traceback
         raise DataError(
             f"could not load split {split!r} of hub dataset {cfg.hub!r}: {str(err).strip().splitlines()[0]}. "

@@ -7,9 +7,10 @@ import torch
 from torch.nn import functional as F
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray, prefix: str) -> dict[str, float]:
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, prefix: str, positive: int | None = 1) -> dict[str, float]:
     """accuracy, f1/precision/recall (macro), f1_micro, mcc and cross-entropy loss, keyed ``prefix/name``;
-    with two classes also ``f1``: the F1 of class 1 (the positive class, as MRPC reports it)."""
+    with two classes also ``f1``, ``precision``, ``recall`` of class ``positive`` (1 unless
+    task.positive_label says otherwise, as MRPC reports it)."""
     from sklearn import metrics as m
 
     pred = logits.argmax(axis=1)
@@ -23,8 +24,9 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, prefix: str) 
         "mcc": m.matthews_corrcoef(labels, pred),
         "loss": loss,
     }
-    if logits.shape[1] == 2:
-        values["f1"] = m.f1_score(labels, pred, pos_label=1, average="binary", zero_division=0)
+    if logits.shape[1] == 2 and positive is not None:
+        for name, score in (("f1", m.f1_score), ("precision", m.precision_score), ("recall", m.recall_score)):
+            values[name] = score(labels, pred, pos_label=positive, average="binary", zero_division=0)
     return {f"{prefix}/{k}": float(v) for k, v in values.items()}
 
 

@@ -44,6 +44,7 @@ def execute(run: Run) -> float:
         runfolder.check_checkpoints(out, run.fingerprint())  # before MLflow is touched: a changed config is an input error
     k_fold = cfg.cv.folds > 1
     data = load_dataset(cfg.data, run.task.target, need_validation=not k_fold, score_range=cfg.task.score_range)
+    run.task.check_labels(data.label_names)
     check_objective(run, data)
     log.info("data: %d train%s%s, %d labels", len(data.train),
              f", {len(data.validation)} validation" if data.validation and not k_fold else "",

@@ -213,17 +213,26 @@ class DataConfig:
 
     type: DataType = DataType.single
     hub: str | None = None  # hub dataset id; train/validation/test are then split names
-    hub_config: str | None = None
+    hub_config: str | None = None  # the dataset's configuration (subset) name
+    revision: str | None = None  # a branch, tag or commit of the hub dataset
     train: str | None = None
     validation: str | None = None
     test: str | None = None
-    text_field: str = "text"  # single
-    text_fields: list[str] = field(default_factory=lambda: ["sentence1", "sentence2"])  # pair
+    # A text field is a column name, a 0-based position (data.text_field=1) or a list of either, whose
+    # texts are joined by data.text_join (data.text_field=[title,description])
+    text_field: Any = "text"  # single
+    text_fields: list[Any] = field(default_factory=lambda: ["sentence1", "sentence2"])  # pair: one field per side
+    text_join: str = " "
     anchor_field: str = "anchor"  # triplet
     positive_field: str = "positive"
     negative_field: str | None = "negative"  # null: in-batch negatives only
-    label_field: str = "label"
+    label_field: Any = "label"  # a column name or a 0-based position
     label_separator: str = ","  # multi-label cells: "sports,news"
+    label_names: Any = None  # {code: name}: class labels as reports and saved models show them ({1: World})
+    # One file holding every split: the column that names the split of a row, and its value per split
+    # (data.split_values={train: TRAIN, validation: TRIAL, test: TEST}); other rows are dropped
+    split_field: Any = None
+    split_values: Any = None
     # Vectors computed elsewhere instead of texts (mode=head_only trains a head on them): a column holding
     # one vector per row (a list in jsonl/parquet, a JSON list in csv), or a .npy/.safetensors file per
     # split, aligned with the rows of data.train / data.validation / data.test
@@ -236,7 +245,10 @@ class DataConfig:
     def given_embeddings(self) -> bool:
         return bool(self.embedding_field or self.train_embeddings)
     format: str | None = None  # csv, tsv, jsonl, parquet; None infers from the extension
+    # a character, or comma/semicolon/tab/pipe/space; None: comma (csv), tab (tsv), sniffed (other extensions)
     delimiter: str | None = None
+    header: bool = True  # false: the first line is data; name the columns with data.columns or use positions
+    columns: list[str] | None = None  # names for the file's columns, in order (with or without a header)
     quoting: str = "minimal"  # minimal, all, nonnumeric, none (Python csv module)
     encoding: str = "utf-8"
     max_train_samples: int | None = None
@@ -254,6 +266,9 @@ class TaskConfig:
     threshold: float = 0.5
     score_range: list[float] | None = None  # e.g. [0, 5]: scores are scaled to [0, 1]
     similarity: Similarity = Similarity.cosine  # bi-encoder pairs and triplets
+    # the class whose F1/precision/recall are reported as f1/precision/recall for two classes
+    # (its original label or its data.label_names name); null: the second in sorted order (1 of 0/1)
+    positive_label: Any = None
 
 
 @dataclass

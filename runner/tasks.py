@@ -42,6 +42,9 @@ class Task:
         """The metric names this task reports for these labels (without the ``split/`` prefix)."""
         return self.metric_names
 
+    def check_labels(self, label_names: list) -> None:
+        """Raise if a task setting does not fit the data's labels (before any model loads)."""
+
     def scale_targets(self, labels: np.ndarray | None) -> np.ndarray | None:
         return labels
 
@@ -76,13 +79,30 @@ class Classify(Task):
     metric_names = ("accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro", "mcc", "loss")
 
     def metrics_for(self, label_names):
-        return self.metric_names + (("f1",) if len(label_names) == 2 else ())  # f1 of the positive class
+        return self.metric_names + (("f1", "precision", "recall") if len(label_names) == 2 else ())  # of the positive class
+
+    def check_labels(self, label_names: list) -> None:
+        self.positive_index(label_names)
+
+    def positive_index(self, label_names: list) -> int:
+        """The class whose binary F1/precision/recall are reported: task.positive_label, else the second."""
+        wanted = self.cfg.positive_label
+        if wanted is None:
+            return 1
+        if len(label_names) != 2:
+            raise RunnerError(f"task.positive_label={wanted!r} applies to two classes; this data has {len(label_names)} "
+                              f"({label_names}): drop it (macro averages are reported)")
+        names = [str(n) for n in label_names]
+        if str(wanted).strip() not in names:
+            raise RunnerError(f"task.positive_label={wanted!r} is not a label of the training data: {label_names}")
+        return names.index(str(wanted).strip())
 
     def evaluate(self, model, loader, accelerator, split, label_names, text_ids=None):
         from runner.evaluate import class_report, classification_metrics
 
         [logits], labels = self.outputs(model, loader, accelerator)
-        return classification_metrics(logits, labels, split), class_report(logits, labels, label_names)
+        positive = self.positive_index(label_names) if len(label_names) == 2 else None
+        return classification_metrics(logits, labels, split, positive), class_report(logits, labels, label_names)
 
 
 class MultiLabel(Task):
