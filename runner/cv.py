@@ -95,7 +95,7 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
         done = workdir / "result.json"
         result = None
         if done.exists():
-            log.info("fold %d/%d finished before this run was resumed: reusing its metrics", i + 1, cfg.cv.folds)
+            log.info("fold-%d (%d of %d) finished before this run was resumed: reusing its metrics", i, i + 1, cfg.cv.folds)
             saved = json.loads(done.read_text())
             metrics, report = saved["metrics"], saved["reports"]
         else:
@@ -127,7 +127,7 @@ def run_fold(run: Run, i: int, split: tuple[np.ndarray, np.ndarray], data: Datas
              tracker: Tracker, workdir: Path, frozen: FrozenFeatures | None = None) -> FitResult:
     """One fold as a nested MLflow run (continued when the fold is resumed)."""
     train_idx, held_idx = split
-    log.info("fold %d/%d: %d train, %d validation", i + 1, run.cfg.cv.folds, len(train_idx), len(held_idx))
+    log.info("fold-%d (%d of %d): %d train, %d validation", i, i + 1, run.cfg.cv.folds, len(train_idx), len(held_idx))
     fold_data = Dataset(data.train.subset(train_idx), data.train.subset(held_idx), data.test, data.label_names)
     resume_id = runfolder.previous_run_id(workdir) if run.cfg.train.resume != "never" else None
     child = tracker.child(f"fold-{i}", tags={**run.choices, "fold": str(i)}, resume_id=resume_id)

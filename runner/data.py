@@ -16,6 +16,8 @@ import csv
 import json
 import logging
 import os
+import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,6 +332,8 @@ def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
         raise DataError(f"data.format={fmt!r} is not one of csv, tsv, jsonl, parquet")
     if cfg.quoting not in QUOTING:
         raise DataError(f"data.quoting={cfg.quoting!r} is not one of {list(QUOTING)}")
+    if cfg.bad_lines not in ("error", "skip", "truncate"):
+        raise DataError(f"data.bad_lines={cfg.bad_lines!r} is not one of error, skip, truncate")
     encoding = "utf-8-sig" if cfg.encoding.lower().replace("_", "-") in ("utf-8", "utf8") else cfg.encoding  # a BOM is not text
     try:
         if fmt == "parquet":
@@ -338,17 +342,13 @@ def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
             frame = read_jsonl(path, encoding)
         else:
             sep = delimiter(cfg, fmt, path, encoding)
-            frame = pd.read_csv(path, sep=sep, quoting=QUOTING[cfg.quoting], encoding=encoding, dtype=str,
-                                header=0 if cfg.header else None, keep_default_na=False, na_values=[])
+            frame = read_delimited(path, cfg, sep, encoding)
             check_stray_quotes(frame, sep, path, cfg.quoting)
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: line {undecodable_line(path, cfg.encoding)} is not valid {cfg.encoding} text; set "
                         f"data.encoding (e.g. latin-1)") from err
     except (pd.errors.ParserError, ValueError) as err:
-        raise DataError(
-            f"{path}: cannot be read as {fmt}: {str(err).strip()}. Check data.delimiter and data.quoting "
-            f"(data.quoting=none when fields contain raw quote characters)"
-        ) from err
+        raise DataError(parser_advice(path, str(err))) from err
     if not cfg.header and fmt in ("parquet", "jsonl") and not all(isinstance(c, int) for c in frame.columns):
         raise DataError(f"data.header=false applies to csv/tsv files (and jsonl rows that are lists); {path} names "
                         f"its columns: {list(frame.columns)}. Drop data.header=false")
@@ -360,10 +360,48 @@ def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
         frame.columns = list(cfg.columns)
     if frame.empty:
         raise DataError(f"data.{split}: {path} has a header but no rows")
-    blank = blank_lines(path, encoding) if fmt != "parquet" else 0
+    blank = blank_lines(path) if fmt != "parquet" else 0
     log.info("data.%s: %s rows read from %s%s", split, f"{len(frame):,}", path,
              f" ({blank} blank lines skipped)" if blank else "")
     return frame
+
+
+def read_delimited(path: str, cfg: DataConfig, sep: str, encoding: str) -> pd.DataFrame:
+    """csv/tsv through pandas; lines with too many fields fail, or are skipped or cut (data.bad_lines), counted."""
+    options = dict(sep=sep, quoting=QUOTING[cfg.quoting], encoding=encoding, dtype=str, keep_default_na=False,
+                   na_values=[], header=0 if cfg.header else None)
+    if cfg.bad_lines == "truncate":  # keep the first fields of a long line (the python engine takes a callable)
+        width, cut = len(pd.read_csv(path, nrows=1, **options).columns), []
+
+        def first_fields(fields: list[str]) -> list[str]:
+            cut.append(len(fields))
+            return fields[:width]
+
+        frame = pd.read_csv(path, engine="python", on_bad_lines=first_fields, **options)
+        count, how = len(cut), "cut to their first fields"
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            frame = pd.read_csv(path, on_bad_lines="warn" if cfg.bad_lines == "skip" else "error", **options)
+        count, how = sum(str(w.message).count("Skipping line") for w in caught), "skipped"
+    if count:
+        log.warning("%s: %d lines with more fields than the first line %s (data.bad_lines=%s)", path, count, how,
+                    cfg.bad_lines)
+    return frame
+
+
+def parser_advice(path: str, error: str) -> str:
+    """The parser's complaint, and the option that fixes it."""
+    extra = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", error)
+    if extra:
+        return (f"{path}: line {extra[2]} has {extra[3]} fields where the first has {extra[1]}: set data.bad_lines=skip "
+                f"(drop such lines) or truncate (keep their first fields), counted in the log; or check data.delimiter and data.quoting")
+    quote = re.search(r"EOF inside string starting at row (\d+)", error)
+    if quote:
+        return (f"{path}: a quote character near row {quote[1]} opens a field that never closes (a stray quote in "
+                f"raw text): set data.quoting=none to read quote characters as text")
+    return (f"{path}: cannot be parsed: {error.strip()}. Check data.delimiter and data.quoting (data.quoting=none "
+            f"when fields contain raw quote characters)")
 
 
 def delimiter(cfg: DataConfig, fmt: str, path: str, encoding: str) -> str:
@@ -382,9 +420,9 @@ def delimiter(cfg: DataConfig, fmt: str, path: str, encoding: str) -> str:
     except csv.Error as err:
         raise DataError(f"{path}: cannot tell how its columns are separated; set data.delimiter (comma, semicolon, "
                         f"tab, pipe or the character) or data.format=csv|tsv|jsonl|parquet") from err
-    name = {v: k for k, v in DELIMITERS.items()}[sep]
-    log.info("%s: no data.delimiter for a %s file: it looks %s-separated (data.delimiter=%s)",
-             path, Path(path).suffix or "extensionless", name, name)
+    name = next(k for k, v in DELIMITERS.items() if v == sep)
+    log.info("%s: no data.delimiter given and the extension does not say: it looks %s-separated "
+             "(data.delimiter=%s)", path, name, name)
     return sep
 
 
@@ -420,7 +458,7 @@ def check_stray_quotes(frame: pd.DataFrame, sep: str, path: str, quoting: str) -
                                 f"quoted field. Set data.quoting=none to read quote characters as text")
 
 
-def blank_lines(path: str, encoding: str) -> int:
+def blank_lines(path: str) -> int:
     """How many blank lines the reader skipped (reported in the log)."""
     with open(path, "rb") as f:
         return sum(1 for line in f if not line.strip())

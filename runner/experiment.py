@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from runner import batching, checkpoint
@@ -78,7 +79,10 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
         metrics = {}
         for split in splits:
             text_ids = encoded[split].text_ids.numpy()
-            values, report = task.evaluate(model, eval_loaders[split], accelerator, split, data.label_names, text_ids)
+            # a bar per evaluation: scoring a large split can take minutes, which must not look like a hang
+            loader = tqdm(eval_loaders[split], desc=f"step {step}: {split}", unit="batch", leave=False,
+                          disable=not (train_cfg.progress and accelerator.is_main_process))
+            values, report = task.evaluate(model, loader, accelerator, split, data.label_names, text_ids)
             metrics.update(values)
             last[split] = (step, values, report)
         tracker.log_metrics(metrics, step)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 from runner import artifact, cv, runfolder
@@ -19,9 +20,10 @@ from runner.errors import RunnerError
 from runner.experiment import FitResult, fit_and_evaluate, job_features, resume_point, uses_frozen_features
 from runner.hardware import make_accelerator
 from runner.model import check_model, load_tokenizer
+from runner.schema import DataConfig
 from runner.signals import STOP
 from runner.spec import Run
-from runner.tracking import Tracker, default_uri
+from runner.tracking import Tracker, default_uri, make_mirrors
 
 log = logging.getLogger("runner")
 
@@ -101,8 +103,11 @@ def resume_here(run: Run) -> Run:
 def open_tracker(run: Run, out: Path, main_process: bool) -> Tracker:
     """The job's MLflow run: the one this folder already reports to (a resumed run), or a new one."""
     cfg = run.cfg
-    tracker = Tracker(cfg.tracking.uri or default_uri(), cfg.tracking.experiment, cfg.tracking.enabled and main_process)
-    name = cfg.tracking.run_name or "-".join(run.choices.get(g, "?") for g in ("model", "mode", "pooling", "data"))
+    enabled = cfg.tracking.enabled and main_process
+    name = cfg.tracking.run_name or "-".join([*(run.choices.get(g, "?") for g in ("model", "mode", "pooling")),
+                                              data_name(cfg.data)])
+    mirrors = make_mirrors(cfg.tracking.backends, out, cfg.tracking.experiment, name) if enabled else []
+    tracker = Tracker(cfg.tracking.uri or default_uri(), cfg.tracking.experiment, enabled, mirrors)
     tags = {**run.choices, **run.tags, "output_dir": str(out), "objective": cfg.objective.metric,
             "config_hash": run.config_hash()}
     resume_id = runfolder.previous_run_id(out) if cfg.train.resume != "never" else None
@@ -110,6 +115,16 @@ def open_tracker(run: Run, out: Path, main_process: bool) -> Tracker:
     if main_process:
         runfolder.record_run_id(out, tracker.run_id)
     return tracker
+
+
+def data_name(data: DataConfig) -> str:
+    """How a run name shows its data: the hub dataset, or the training file (with its folder when the file
+    is just called train.csv or the like)."""
+    if data.hub and not os.path.exists(data.train or ""):
+        return data.hub.rsplit("/", 1)[-1]
+    path = Path(data.train or data.train_embeddings or "data")
+    generic = path.stem.lower() in ("train", "training", "data", "dataset", "all", "full")
+    return f"{path.parent.name}_{path.stem}" if generic and path.parent.name else path.stem
 
 
 def single_summary(run: Run, result: FitResult) -> dict:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from runner import schema  # noqa: F401  (registers the typed schemas and the ${pkg:} resolver)
+from runner import cli, schema  # noqa: F401  (registers the typed schemas and the ${pkg:} resolver)
 
 if TYPE_CHECKING:
     from runner.spec import Run
@@ -33,8 +33,18 @@ warnings.filterwarnings("ignore", message=r"hydra\.utils\.instantiate\(\) resolv
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+cli.register(CONF_DIR)
+
+
+def main() -> None:
+    """The command line (``python -m runner``, the ``runner`` script): raw characters in string values are
+    quoted for Hydra's parser (``data.delimiter=;``), then Hydra composes and runs."""
+    sys.argv = [sys.argv[0], *cli.quote_raw_values(sys.argv[1:])]
+    hydra_main()
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
     """Exit codes (``python -m runner``): 0 done; 1 an input the runner cannot honour (config, data,
     model, run folder: one line says what and how to fix it); 3 the loss diverged (NaN/inf);
     128 + N stopped by signal N after a checkpoint (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1)."""

@@ -249,6 +249,7 @@ class DataConfig:
     delimiter: str | None = None
     header: bool = True  # false: the first line is data; name the columns with data.columns or use positions
     columns: list[str] | None = None  # names for the file's columns, in order (with or without a header)
+    bad_lines: str = "error"  # csv/tsv lines with more fields than the first: error, skip or truncate (counted)
     quoting: str = "minimal"  # minimal, all, nonnumeric, none (Python csv module)
     encoding: str = "utf-8"
     max_train_samples: int | None = None
@@ -365,7 +366,10 @@ class TrackingConfig:
     enabled: bool = True
     uri: str | None = None  # None: sqlite store at outputs/mlflow.db (absolute path)
     experiment: str = "runner"
-    run_name: str | None = None
+    run_name: str | None = None  # None: model-mode-pooling-<data file or dataset>
+    # where params and metrics go: mlflow (always: the store of runs, resumes and sweeps), plus
+    # tensorboard (event files in <run folder>/tensorboard) and/or wandb (WANDB_MODE=offline works offline)
+    backends: list[str] = field(default_factory=lambda: ["mlflow"])
 
 
 @dataclass
@@ -425,6 +429,12 @@ def check_values(cfg: RunConfig) -> list[str]:
          "two increasing numbers, e.g. [0, 5]"),
         ("distill.alpha", cfg.distill.alpha, 0 <= cfg.distill.alpha <= 1, "in [0, 1]"),
         ("distill.temperature", cfg.distill.temperature, cfg.distill.temperature > 0, "a positive number"),
+        ("tracking.backends", list(cfg.tracking.backends),
+         "mlflow" in cfg.tracking.backends and set(cfg.tracking.backends) <= {"mlflow", "tensorboard", "wandb"},
+         "mlflow (it holds runs, resumes and sweeps) plus any of tensorboard, wandb"),
+        ("data.bad_lines", d.bad_lines, d.bad_lines in ("error", "skip", "truncate"), "error, skip or truncate"),
+        ("data.text_field", d.text_field, isinstance(d.text_field, (str, int)) or (
+            isinstance(d.text_field, (list, tuple)) and len(d.text_field) > 0), "a column name, a 0-based position or a list of them"),
     ]
     return [f"{key}={value} must be {allowed}" for key, value, ok, allowed in rules if not ok]
 

@@ -93,11 +93,77 @@ def param_text(value: Any) -> str:
     return str(value)
 
 
-class Tracker:
-    """A thin MLflow client for one run: params, tags, metrics per step, artifacts, final status."""
+class TensorBoardMirror:
+    """The run's params (a text table) and metrics (scalars, same ``split/name`` keys and steps) as
+    TensorBoard event files; nested runs (folds) in subfolders."""
 
-    def __init__(self, uri: str, experiment: str, enabled: bool = True) -> None:
+    def __init__(self, folder: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise RunnerError("tracking.backends has tensorboard, which is not installed: pip install tensorboard") from err
+        self.folder = folder
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def child(self, name: str) -> TensorBoardMirror:
+        return TensorBoardMirror(self.folder / name)
+
+    def params(self, flat: dict[str, str]) -> None:
+        rows = ["| param | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in flat.items())]
+        self.writer.add_text("params", "\n".join(rows))
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self, status: str) -> None:
+        self.writer.close()
+
+
+class WandbMirror:
+    """A Weights & Biases run per MLflow run (folds grouped under their job); ``WANDB_MODE=offline``
+    writes it under <run folder>/wandb without network, to ``wandb sync`` later."""
+
+    def __init__(self, folder: Path, project: str, name: str | None, group: str | None = None) -> None:
+        try:
+            import wandb
+        except ImportError as err:
+            raise RunnerError("tracking.backends has wandb, which is not installed: pip install wandb") from err
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.project, self.name = folder, project, name
+        self.run = wandb.init(project=project, name=name, group=group, dir=str(folder), reinit="create_new")
+
+    def child(self, name: str) -> WandbMirror:
+        return WandbMirror(self.folder, self.project, name, group=self.name)
+
+    def params(self, flat: dict[str, str]) -> None:
+        self.run.config.update(flat, allow_val_change=True)
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        self.run.log(dict(values), step=step)
+
+    def close(self, status: str) -> None:
+        self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+
+
+def make_mirrors(backends: list[str], folder: Path, experiment: str, name: str | None) -> list:
+    """The trackers beside MLflow named in ``tracking.backends`` (checked by schema.check_values)."""
+    mirrors = []
+    if "tensorboard" in backends:
+        mirrors.append(TensorBoardMirror(folder / "tensorboard"))
+    if "wandb" in backends:
+        mirrors.append(WandbMirror(folder, experiment, name))
+    return mirrors
+
+
+class Tracker:
+    """A thin MLflow client for one run: params, tags, metrics per step, artifacts, final status; the
+    params and metrics also go to the ``mirrors`` (TensorBoard, W&B) named in tracking.backends."""
+
+    def __init__(self, uri: str, experiment: str, enabled: bool = True, mirrors: list | None = None) -> None:
         self.uri, self.experiment, self.enabled = uri, experiment, enabled
+        self.mirrors = mirrors or []
         self.client = None
         self.run_id: str | None = None
         self.logged: set[tuple[str, int]] = set()  # (metric, step) already in a continued run: not logged again
@@ -142,7 +208,8 @@ class Tracker:
 
     def child(self, run_name: str, tags: Mapping[str, str] | None = None, resume_id: str | None = None) -> Tracker:
         """A nested run under this one (folds under a job, trials under a sweep)."""
-        return Tracker(self.uri, self.experiment, self.enabled).start(run_name, tags, self.run_id, resume_id)
+        mirrors = [m.child(run_name) for m in self.mirrors]
+        return Tracker(self.uri, self.experiment, self.enabled, mirrors).start(run_name, tags, self.run_id, resume_id)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.run_id:
@@ -150,6 +217,8 @@ class Tracker:
         from mlflow.entities import Param
 
         items = [Param(k, param_text(v)[:PARAM_LIMIT]) for k, v in flatten(params).items() if k not in self.params]
+        for mirror in self.mirrors:
+            mirror.params({p.key: p.value for p in items})
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -170,6 +239,8 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if v is not None and math.isfinite(v) and (k, step) not in self.logged]
+        for mirror in self.mirrors:
+            mirror.metrics({m.key: m.value for m in items}, step)
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
@@ -191,6 +262,8 @@ class Tracker:
         self.finish("FINISHED")
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+        for mirror in self.mirrors:
+            mirror.close(status)
         if self.run_id:
             if error:
                 self.set_tags({"error": error[:5000]})

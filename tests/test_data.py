@@ -110,7 +110,7 @@ def test_wrong_encoding_says_which_setting_to_change(tmp_path):
 def test_ragged_rows_point_at_delimiter_and_quoting(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text("text,label\ngood,pos\na,b,c,d\n")
-    expect_error(r"t\.csv: cannot be read as csv.*line 3.*data\.delimiter", train=str(path))
+    expect_error(r"t\.csv: line 3 has 4 fields where the first has 2: set data\.bad_lines=skip.*data\.delimiter", train=str(path))
 
 
 def test_no_validation_and_no_split_is_an_error(tmp_path):

@@ -181,7 +181,7 @@ def test_a_killed_k_fold_job_reuses_finished_folds_and_resumes_the_current_one(m
     assert (tmp_path / "cv" / "folds" / "fold-0" / "result.json").exists()
     caplog.set_level("INFO", logger="runner")
     resumed = job.execute(make_run(*args))
-    assert "fold 1/3 finished before this run was resumed: reusing its metrics" in caplog.text
+    assert "fold-0 (1 of 3) finished before this run was resumed: reusing its metrics" in caplog.text
     assert "resuming from" in caplog.text
     whole = job.execute(make_run(*args, f"output_dir={tmp_path / 'cv2'}", "tracking.experiment=cv2"))
     assert resumed == whole
