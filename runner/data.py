@@ -343,7 +343,6 @@ def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
         else:
             sep = delimiter(cfg, fmt, path, encoding)
             frame = read_delimited(path, cfg, sep, encoding)
-            check_stray_quotes(frame, sep, path, cfg.quoting)
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: line {undecodable_line(path, cfg.encoding)} is not valid {cfg.encoding} text; set "
                         f"data.encoding (e.g. latin-1)") from err
@@ -358,6 +357,8 @@ def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
                             f"has {len(frame.columns)}" + ("" if cfg.header or len(frame.columns) > 1 else
                                                            "; all in one: set data.delimiter"))
         frame.columns = list(cfg.columns)
+    if fmt in ("csv", "tsv", "delimited"):
+        check_stray_quotes(frame, sep, path, cfg.quoting)
     if frame.empty:
         raise DataError(f"data.{split}: {path} has a header but no rows")
     blank = blank_lines(path) if fmt != "parquet" else 0
@@ -368,8 +369,10 @@ def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
 
 def read_delimited(path: str, cfg: DataConfig, sep: str, encoding: str) -> pd.DataFrame:
     """csv/tsv through pandas; lines with too many fields fail, or are skipped or cut (data.bad_lines), counted."""
+    # Always headerless to pandas: with a header, a first data row longer than the header would silently
+    # become an index (or be cut); read raw, every line is held to the first line's width.
     options = dict(sep=sep, quoting=QUOTING[cfg.quoting], encoding=encoding, dtype=str, keep_default_na=False,
-                   na_values=[], header=0 if cfg.header else None)
+                   na_values=[], header=None)
     if cfg.bad_lines == "truncate":  # keep the first fields of a long line (the python engine takes a callable)
         width, cut = len(pd.read_csv(path, nrows=1, **options).columns), []
 
@@ -387,6 +390,9 @@ def read_delimited(path: str, cfg: DataConfig, sep: str, encoding: str) -> pd.Da
     if count:
         log.warning("%s: %d lines with more fields than the first line %s (data.bad_lines=%s)", path, count, how,
                     cfg.bad_lines)
+    if cfg.header:
+        frame.columns = frame.iloc[0].tolist()
+        frame = frame.iloc[1:].reset_index(drop=True)
     return frame
 
 
