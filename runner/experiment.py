@@ -89,6 +89,11 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
         log.info("step %d: %s", step, format_metrics(metrics))
         return metrics
 
+    def log_train(metrics: dict[str, float], step: int) -> None:
+        tracker.log_metrics(metrics, step)
+        if not train_cfg.progress:  # no bar to show it (logs of batch jobs, CI): a line per train.log_every steps
+            log.info("step %d: train/loss=%.4f  train/lr=%.3g", step, metrics["train/loss"], metrics["train/lr"])
+
     roots = workdir / "checkpoints"
     meta = {"fingerprint": run.fingerprint(), "config_hash": run.config_hash(), "mlflow_run_id": tracker.run_id}
 
@@ -109,7 +114,7 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
     # Model selection looks at validation only: a test/* objective is monitored through its val/* twin.
     monitor = "val/" + cfg.objective.metric.split("/", 1)[1]
     with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
-        fit(parts, state, train_cfg, Events(tracker.log_metrics, evaluate, save_checkpoint), monitor,
+        fit(parts, state, train_cfg, Events(log_train, evaluate, save_checkpoint), monitor,
             cfg.objective.direction == Direction.maximize)
     # The final model is scored on test, and on val unless the loop's last evaluation already scored
     # these very weights (no early-stopping restore).

@@ -95,7 +95,7 @@ def fit(parts: LoopParts, state: TrainState, cfg: TrainConfig, events: Events, m
                     state.epoch, state.batch = state.epoch + 1, 0
                 crash_point("step", state.step)
                 if state.step % cfg.log_every == 0 or state.step == total:
-                    log_train(state, running, parts, time.perf_counter() - tic, events.log)
+                    bar.set_postfix(loss=f"{log_train(state, running, parts, time.perf_counter() - tic, events.log):.4f}")
                     tic = time.perf_counter()
                 if state.step % eval_every == 0 or state.step == total:
                     early_stopping(state, model, events.evaluate(state.step)[monitor], cfg, maximize)
@@ -114,8 +114,9 @@ def fit(parts: LoopParts, state: TrainState, cfg: TrainConfig, events: Events, m
     return state
 
 
-def log_train(state: TrainState, running: torch.Tensor, parts: LoopParts, seconds: float, log) -> None:
-    """train/loss (mean over the window), lr, samples/s and any extra loss terms; resets the window."""
+def log_train(state: TrainState, running: torch.Tensor, parts: LoopParts, seconds: float, log) -> float:
+    """train/loss (mean over the window), lr, samples/s and any extra loss terms; resets the window;
+    returns the mean loss."""
     mean_loss = running.item() / state.loss_steps  # .item() syncs: only at log steps
     if not math.isfinite(mean_loss):
         raise TrainingDiverged(f"loss is {mean_loss} at step {state.step}; lower train.lr or use precision=fp32")
@@ -125,6 +126,7 @@ def log_train(state: TrainState, running: torch.Tensor, parts: LoopParts, second
         state.step)
     running.zero_()
     state.loss_sum, state.loss_steps, state.samples = 0.0, 0, 0
+    return mean_loss
 
 
 def early_stopping(state: TrainState, model, value: float, cfg: TrainConfig, maximize: bool) -> None:

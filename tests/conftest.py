@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import csv
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 import runner.schema  # noqa: F401  (registers schemas and resolvers)
-from runner.run import CONF_DIR, build_run
+from runner.run import CONF_DIR, build_run, main
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -139,3 +140,14 @@ def make_run(tiny_overrides):
         return build_run(cfg, choices)
 
     return build
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    sys.argv = ["runner", *args]
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err

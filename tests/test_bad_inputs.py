@@ -8,24 +8,11 @@ model and the toy data, from a fresh working directory.
 from __future__ import annotations
 
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
 
-from runner.run import main
-from tests.conftest import make_sentences, write_csv
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    sys.argv = ["runner", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+from tests.conftest import make_sentences, run_cli, write_csv
 
 
 def mlflow_runs(db: Path) -> int:
