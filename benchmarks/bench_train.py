@@ -38,7 +38,7 @@ def child_runner(args) -> dict:
     from runner import job
     from runner.data import load_dataset
     from runner.hardware import make_accelerator
-    from runner.model import load_tokenizer
+    from runner.model import load_tokenizer, quiet_libraries
     from runner.run import CONF_DIR, build_run
     from runner.tracking import Tracker
 
@@ -55,7 +55,7 @@ def child_runner(args) -> dict:
     with open_dict(cfg):
         del cfg["hydra"]
     run = build_run(cfg, choices)
-    job.quiet_libraries()
+    quiet_libraries()
     job.seed_everything(42, False)
     data = load_dataset(run.cfg.data)
     tokenizer = load_tokenizer(run.cfg.model)

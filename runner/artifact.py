@@ -28,13 +28,15 @@ from hydra.utils import get_class
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from runner.errors import RunnerError
 from runner.model import TextModel, VectorModel
 from runner.schema import DataType, ModelConfig
 from runner.spec import Run
 
 log = logging.getLogger("runner")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: task settings (data type, joint, threshold, score range, similarity) for inference
+READABLE_VERSIONS = (1, 2)
 
 
 ST_POOLING = {  # runner pooling class -> sentence-transformers Pooling mode
@@ -57,14 +59,23 @@ def sentence_transformers_mode(model: TextModel, is_peft: bool, cross_encoder: b
 def save_trained(run: Run, model: TextModel | VectorModel, tokenizer, label_names: list, folder: Path) -> Path:
     """The one place a trained model is saved (single runs and k-fold folds alike)."""
     cfg = run.cfg
+    task = task_settings(run)
     if isinstance(model, VectorModel):
-        saved = save_vector_model(folder, model, label_names, run.config_yaml, type(run.task).__name__)
+        saved = save_vector_model(folder, model, label_names, run.config_yaml, task)
     else:
         saved = save_model(folder, model, tokenizer, label_names, base_reference(cfg.model, folder),
-                           cfg.model.text_prefix, cfg.model.max_length, run.config_yaml, task=type(run.task).__name__,
-                           cross_encoder=run.task.joint and cfg.data.type == DataType.pair)
+                           cfg.model.text_prefix, cfg.model.max_length, run.config_yaml, task=task)
     log.info("model saved to %s", folder)
     return saved
+
+
+def task_settings(run: Run) -> dict:
+    """What inference needs to know about the task: the kind of output and how to read it."""
+    cfg = run.cfg
+    return {"task": type(run.task).__name__, "data_type": cfg.data.type.value,
+            "joint": run.task.joint and cfg.data.type == DataType.pair, "threshold": cfg.task.threshold,
+            "score_range": list(cfg.task.score_range) if cfg.task.score_range else None,
+            "similarity": cfg.task.similarity.value}
 
 
 # Hub ids whose weights a Python package ships (offline use): a saved model refers to its base by the hub
@@ -118,10 +129,11 @@ def plain_base(peft_encoder) -> nn.Module:
 
 
 def save_model(folder: str | Path, model: TextModel, tokenizer, label_names: list, base_model: str | None,
-               text_prefix: str, max_length: int, config_yaml: str | None = None, task: str | None = None,
-               cross_encoder: bool = False) -> Path:
+               text_prefix: str, max_length: int, config_yaml: str | None = None, task: dict | None = None) -> Path:
     from peft import PeftModel
 
+    task = task or {}
+    cross_encoder = bool(task.get("joint"))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     is_peft = isinstance(model.encoder, PeftModel)
@@ -149,7 +161,7 @@ def save_model(folder: str | Path, model: TextModel, tokenizer, label_names: lis
     linear = model.head[-1] if model.head_outputs is not None else None
     meta = {
         "format_version": FORMAT_VERSION,
-        "task": task,
+        **task,
         "encoder": encoder_dir,
         "tokenizer": "." if st_mode else "tokenizer",
         "sentence_transformers": bool(st_mode),
@@ -168,16 +180,34 @@ def save_model(folder: str | Path, model: TextModel, tokenizer, label_names: lis
     return folder
 
 
-def save_vector_model(folder: Path, model: VectorModel, label_names: list, config_yaml: str, task: str) -> Path:
+def save_vector_model(folder: Path, model: VectorModel, label_names: list, config_yaml: str, task: dict) -> Path:
     """A head on given embeddings: no encoder, no tokenizer; inputs are vectors of ``dim`` numbers."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file({f"head.{k}": v.contiguous() for k, v in model.head.state_dict().items()}, folder / "head.safetensors")
-    meta = {"format_version": FORMAT_VERSION, "task": task, "input": "embeddings", "dim": model.dim,
+    meta = {"format_version": FORMAT_VERSION, **task, "input": "embeddings", "dim": model.dim,
             "normalize": model.normalize, "head": {"type": "linear", "in_features": model.dim,
                                                    "out_features": model.head_outputs}, "labels": label_names}
     (folder / "runner_model.json").write_text(json.dumps(meta, indent=2))
     (folder / "config.yaml").write_text(config_yaml)
     return folder
+
+
+def read_meta(folder: Path) -> dict:
+    """runner_model.json, checked: the folder exists, is a runner model, and of a format this runner reads."""
+    if not folder.is_dir():
+        raise RunnerError(f"model_dir={folder}: no such folder")
+    path = folder / "runner_model.json"
+    if not path.exists():
+        raise RunnerError(f"{folder} is not a saved runner model (no runner_model.json): give the model/ folder of a run")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RunnerError(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from err
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise RunnerError(f"{path}: format version {version!r}; this runner reads versions {list(READABLE_VERSIONS)}: "
+                          f"use the runner version that saved it, or upgrade")
+    return meta
 
 
 def load_model(folder: str | Path) -> tuple[TextModel | VectorModel, object, dict]:
@@ -186,7 +216,7 @@ def load_model(folder: str | Path) -> tuple[TextModel | VectorModel, object, dic
     from transformers import AutoModel, AutoTokenizer
 
     folder = Path(folder)
-    meta = json.loads((folder / "runner_model.json").read_text())
+    meta = read_meta(folder)
     if meta.get("input") == "embeddings":
         model = VectorModel(meta["dim"], meta["head"]["out_features"], normalize=meta["normalize"])
         weights = load_file(folder / "head.safetensors")

@@ -1,116 +1,157 @@
-"""Metrics from model outputs: classification, multi-label, correlation (scores) and retrieval (triplets)."""
+"""Re-evaluate a saved model on labelled data.
+
+    python -m runner.evaluate model_dir=DIR data.test=FILE [data.KEY=VALUE ...] [output_dir=DIR]
+
+The same metrics and per-class report as the training run's ``test/`` split (identical numbers on the
+same file: the same task, batching and metric code), printed, written to ``output_dir`` (default
+``outputs/evaluations/<date>/<time>``) and logged to MLflow as a run tagged with the training run's id.
+The file is read with the training run's reading options, which ``data.*`` overrides.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from torch.nn import functional as F
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner.errors import DataError, RunnerError
+from runner.predict import Predictor, parse_args, reading_config, resolve_model_dir
+
+log = logging.getLogger("runner")
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray, prefix: str, positive: int | None = 1) -> dict[str, float]:
-    """accuracy, f1/precision/recall (macro), f1_micro, mcc and cross-entropy loss, keyed ``prefix/name``;
-    with two classes also ``f1``, ``precision``, ``recall`` of class ``positive`` (1 unless
-    task.positive_label says otherwise, as MRPC reports it)."""
-    from sklearn import metrics as m
-
-    pred = logits.argmax(axis=1)
-    loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
-    values = {
-        "accuracy": m.accuracy_score(labels, pred),
-        "f1_macro": m.f1_score(labels, pred, average="macro", zero_division=0),
-        "f1_micro": m.f1_score(labels, pred, average="micro", zero_division=0),
-        "precision_macro": m.precision_score(labels, pred, average="macro", zero_division=0),
-        "recall_macro": m.recall_score(labels, pred, average="macro", zero_division=0),
-        "mcc": m.matthews_corrcoef(labels, pred),
-        "loss": loss,
-    }
-    if logits.shape[1] == 2 and positive is not None:
-        for name, score in (("f1", m.f1_score), ("precision", m.precision_score), ("recall", m.recall_score)):
-            values[name] = score(labels, pred, pos_label=positive, average="binary", zero_division=0)
-    return {f"{prefix}/{k}": float(v) for k, v in values.items()}
+@dataclass
+class EvaluateConfig:
+    model_dir: str = ""
+    output_dir: str | None = None
+    batch_size: int | None = None  # default: the training run's evaluation batch size (same batches)
+    split: str = "test"  # the metric prefix (test/accuracy, ...)
+    progress: bool = True
+    tracking: bool = True
+    tracking_uri: str | None = None
+    experiment: str | None = None  # default: the training run's
+    data: dict = field(default_factory=dict)  # data.test=FILE and reading options
 
 
-def class_report(logits: np.ndarray, labels: np.ndarray, names: list) -> dict:
-    """Per-class precision/recall/F1/support and the confusion matrix (rows: true, columns: predicted)."""
-    from sklearn import metrics as m
+def training_config(folder: Path) -> dict:
+    from omegaconf import OmegaConf
 
-    pred = logits.argmax(axis=1)
-    ids = list(range(len(names)))
-    report = m.classification_report(
-        labels, pred, labels=ids, target_names=[str(n) for n in names], output_dict=True, zero_division=0
-    )
-    matrix = m.confusion_matrix(labels, pred, labels=ids)
-    return {"per_class": report, "confusion_matrix": {"labels": names, "matrix": matrix.tolist()}}
+    path = folder / "config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else {}
 
 
-def multilabel_metrics(logits: np.ndarray, labels: np.ndarray, threshold: float, prefix: str) -> dict[str, float]:
-    """Sigmoid > threshold per label: micro/macro F1, micro precision/recall, exact match, BCE loss."""
-    from sklearn import metrics as m
+def labelled_inputs(folder: Path, meta: dict, trained: dict, overrides: dict):
+    """(inputs, encoded targets, text ids) of the labelled file, targets encoded with the saved label map."""
+    import numpy as np
 
-    pred = (1 / (1 + np.exp(-logits)) > threshold).astype(int)
-    truth = labels.astype(int)
-    loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(labels.astype(np.float32)))
-    values = {
-        "f1_micro": m.f1_score(truth, pred, average="micro", zero_division=0),
-        "f1_macro": m.f1_score(truth, pred, average="macro", zero_division=0),
-        "precision_micro": m.precision_score(truth, pred, average="micro", zero_division=0),
-        "recall_micro": m.recall_score(truth, pred, average="micro", zero_division=0),
-        "exact_match": float((pred == truth).all(axis=1).mean()),
-        "loss": loss.item(),
-    }
-    return {f"{prefix}/{k}": float(v) for k, v in values.items()}
+    from runner.data import encode_targets, read_source, read_vectors, select, text_fields
+
+    overrides = dict(overrides)
+    test = overrides.pop("test", None)
+    if not test:
+        raise RunnerError("data.test=FILE is required: the labelled file to evaluate on")
+    data = reading_config(folder, meta, str(test), overrides)
+    if meta.get("data_type") == "triplet":  # reading_config makes it one text per row: restore the triplet
+        from runner.schema import DataType
+
+        data.type = DataType.triplet
+    frame, where = read_source(data, "train")
+    target = {"Regress": "score", "PairSimilarity": "score", "Retrieve": "none", "MultiLabel": "multi_label"}.get(
+        meta.get("task"), "class")
+    label = None if target == "none" else data.label_field
+    vector_input = meta.get("input") == "embeddings"
+    fields = [] if vector_input else text_fields(data)
+    frame = select(data, frame, where, fields, label, [data.embedding_field] if vector_input else [])
+    codes = saved_codes(meta, trained)
+    try:
+        targets = None if label is None else encode_targets(frame["label"], target, codes, "train", data)
+    except DataError as err:
+        raise DataError(f"{err} (labels are read against the model's label map)") from err
+    if vector_input:
+        return read_vectors(data, frame, "train"), targets, None
+    columns = [frame[f"text{i}"].tolist() for i in range(len(fields))]
+    vocabulary: dict[str, int] = {}
+    text_ids = np.asarray([[vocabulary.setdefault(t, len(vocabulary)) for t in col] for col in columns])
+    return columns, targets, text_ids
 
 
-def correlation_metrics(predicted: np.ndarray, truth: np.ndarray, prefix: str, mse: bool = False) -> dict[str, float]:
-    """Pearson and Spearman correlation of predicted scores (or similarities) with the gold scores."""
-    from scipy import stats
+def saved_codes(meta: dict, trained: dict) -> list:
+    """The labels as they appear in data files: the saved names, or their codes when the training run
+    renamed them (data.label_names={1: World})."""
+    names = meta.get("labels") or []
+    renamed = (trained.get("data") or {}).get("label_names")
+    if not renamed:
+        return names
+    code_of = {str(v): k for k, v in renamed.items()}
+    return [code_of.get(str(n), n) for n in names]
 
-    values = {"pearson": stats.pearsonr(predicted, truth)[0], "spearman": stats.spearmanr(predicted, truth)[0]}
-    if mse:
-        values["mse"] = float(np.mean((predicted - truth) ** 2))
-    return {f"{prefix}/{k}": float(v) for k, v in values.items()}
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    from runner.artifact import read_meta
+    from runner.schema import DataType, TaskConfig
+    from runner.tasks import make_task
+
+    folder = resolve_model_dir(cfg.model_dir, cfg.tracking_uri)
+    meta = read_meta(folder)
+    trained = training_config(folder)
+    inputs, targets, text_ids = labelled_inputs(folder, meta, trained, cfg.data)
+    task_cfg = TaskConfig(**{k: v for k, v in (trained.get("task") or {}).items() if k in TaskConfig.__dataclass_fields__})
+    task = make_task(DataType(meta.get("data_type", "single")), task_cfg)
+    train = trained.get("train") or {}
+    batch_size = cfg.batch_size or train.get("eval_batch_size") or 2 * train.get("batch_size", 32)
+    predictor = Predictor(folder)
+    outputs = predictor.run(inputs, batch_size, cfg.progress, embeddings=not task.has_head)
+    columns = [outputs["head"]] if task.has_head else outputs["columns"]
+    metrics, report = task.score(columns, task.scale_targets(targets), cfg.split, meta.get("labels") or [], text_ids)
+    return {"metrics": metrics, "report": report, "model_dir": str(folder), "rows": len(columns[0])}
 
 
-def retrieval_metrics(columns: list[np.ndarray], text_ids: np.ndarray, similarity: str, prefix: str) -> dict[str, float]:
-    """Triplet accuracy, and retrieval of each distinct anchor among the distinct positives and negatives.
+def training_run_id(folder: Path) -> str | None:
+    record = folder.parent / "mlflow_run.json"
+    return json.loads(record.read_text()).get("run_id") if record.exists() else None
 
-    ``columns``: anchor, positive (and negative) embeddings in dataset order; ``text_ids``: (columns, n)
-    ids equal for equal texts. The relevant documents of an anchor text are the positives paired with it
-    anywhere in the set. Metrics: ``triplet_accuracy`` (sim(a, p) > sim(a, n)), ``mrr_at_10``,
-    ``recall_at_1``, ``recall_at_10``, ``ndcg_at_10`` (binary relevance).
-    """
-    from runner.losses import paired_similarity, similarity_matrix
 
-    emb = [torch.from_numpy(c) for c in columns]
-    values = {}
-    if len(emb) > 2:
-        values["triplet_accuracy"] = float((paired_similarity(emb[0], emb[1], similarity) >
-                                            paired_similarity(emb[0], emb[2], similarity)).float().mean())
-    ids = np.asarray(text_ids)
-    queries = {}  # anchor text id -> row of its first occurrence
-    for row, q in enumerate(ids[0]):
-        queries.setdefault(int(q), row)
-    corpus = {}  # document text id -> (column, row)
-    for col in range(1, len(emb)):
-        for row, d in enumerate(ids[col]):
-            corpus.setdefault(int(d), (col, row))
-    relevant: dict[int, set[int]] = {}
-    for q, p in zip(ids[0], ids[1]):
-        relevant.setdefault(int(q), set()).add(int(p))
-    doc_ids = list(corpus)
-    doc_emb = torch.stack([emb[c][r] for c, r in corpus.values()])
-    query_ids = list(queries)
-    scores = similarity_matrix(torch.stack([emb[0][r] for r in queries.values()]), doc_emb, similarity)
-    top = scores.topk(min(10, len(doc_ids)), dim=1).indices.numpy()
-    mrr, r1, r10, ndcg = [], [], [], []
-    for qi, q in enumerate(query_ids):
-        hits = [doc_ids[j] in relevant[q] for j in top[qi]]
-        first = next((rank for rank, hit in enumerate(hits) if hit), None)
-        mrr.append(0.0 if first is None else 1.0 / (first + 1))
-        r1.append(sum(hits[:1]) / len(relevant[q]))
-        r10.append(sum(hits[:10]) / len(relevant[q]))
-        dcg = sum(1 / np.log2(rank + 2) for rank, hit in enumerate(hits) if hit)
-        ideal = sum(1 / np.log2(rank + 2) for rank in range(min(len(relevant[q]), 10)))
-        ndcg.append(dcg / ideal)
-    values.update({"mrr_at_10": np.mean(mrr), "recall_at_1": np.mean(r1), "recall_at_10": np.mean(r10), "ndcg_at_10": np.mean(ndcg)})
-    return {f"{prefix}/{k}": float(v) for k, v in values.items()}
+def write_and_log(cfg: EvaluateConfig, result: dict, trained: dict) -> Path:
+    out = Path(cfg.output_dir or f"outputs/evaluations/{time.strftime('%Y-%m-%d/%H-%M-%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "report"}, indent=2))
+    if result["report"]:
+        (out / "report.json").write_text(json.dumps(result["report"], indent=2))
+    if cfg.tracking:
+        from runner.tracking import Tracker, default_uri
+
+        folder = Path(result["model_dir"])
+        experiment = cfg.experiment or (trained.get("tracking") or {}).get("experiment") or "runner"
+        tags = {"role": "evaluation", "model_dir": str(folder.resolve()), "data.test": str(cfg.data.get("test")),
+                "output_dir": str(out.resolve())}
+        parent = training_run_id(folder)
+        if parent:
+            tags["evaluated_run_id"] = parent
+        tracker = Tracker(cfg.tracking_uri or (trained.get("tracking") or {}).get("uri") or default_uri(), experiment)
+        with tracker.start(f"evaluate-{Path(str(cfg.data.get('test'))).stem}", tags=tags).closing():
+            tracker.log_metrics(result["metrics"])
+            for name in ("metrics.json", "report.json"):
+                if (out / name).exists():
+                    tracker.log_artifact(out / name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv, EvaluateConfig)
+        result = evaluate(cfg)
+        out = write_and_log(cfg, result, training_config(Path(result["model_dir"])))
+    except RunnerError as err:
+        log.error("error: %s", err)
+        sys.exit(err.exit_code)
+    for key, value in result["metrics"].items():
+        print(f"{key}={value:.6g}")
+    log.info("%d rows; metrics and report in %s", result["rows"], out)
+
+
+if __name__ == "__main__":
+    main()

@@ -19,7 +19,7 @@ from runner.data import Dataset, load_dataset
 from runner.errors import RunnerError
 from runner.experiment import FitResult, fit_and_evaluate, job_features, resume_point, uses_frozen_features
 from runner.hardware import make_accelerator
-from runner.model import check_model, load_tokenizer
+from runner.model import check_model, load_tokenizer, quiet_libraries
 from runner.schema import DataConfig
 from runner.signals import STOP
 from runner.spec import Run
@@ -141,14 +141,6 @@ def check_objective(run: Run, data: Dataset) -> None:
     if cfg.objective.metric not in known:
         raise RunnerError(f"objective.metric={cfg.objective.metric} is not a metric of this run; choose one of "
                           f"{', '.join(known)}")
-
-
-def quiet_libraries() -> None:
-    """No per-file progress bars from transformers: the run's own bar and log lines are the output."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

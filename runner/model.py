@@ -13,6 +13,14 @@ from runner.pooling import Pooling
 from runner.schema import ModelConfig
 
 
+def quiet_libraries() -> None:
+    """No per-file progress bars from transformers: the run's own bar and log lines are the output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer of ``cfg.tokenizer`` (default: ``cfg.name_or_path``), with a pad token ensured."""
     from transformers import AutoTokenizer

@@ -70,7 +70,13 @@ class Task:
         return columns, (torch.cat(labels)[order].numpy() if has_labels else None)
 
     def evaluate(self, model, loader, accelerator, split: str, label_names: list, text_ids=None):
-        """(metrics keyed ``split/name``, per-class report or None)."""
+        """(metrics keyed ``split/name``, per-class report or None) of a model on a loader."""
+        columns, labels = self.outputs(model, loader, accelerator)
+        return self.score(columns, labels, split, label_names, text_ids)
+
+    def score(self, columns: list[np.ndarray], labels, split: str, label_names: list, text_ids=None):
+        """Metrics of model outputs (head outputs, or one embedding per text column) against the targets;
+        shared by training's evaluations and ``runner.evaluate``."""
         raise NotImplementedError
 
 
@@ -97,10 +103,10 @@ class Classify(Task):
             raise RunnerError(f"task.positive_label={wanted!r} is not a label of the training data: {label_names}")
         return names.index(str(wanted).strip())
 
-    def evaluate(self, model, loader, accelerator, split, label_names, text_ids=None):
-        from runner.evaluate import class_report, classification_metrics
+    def score(self, columns, labels, split, label_names, text_ids=None):
+        from runner.metrics import class_report, classification_metrics
 
-        [logits], labels = self.outputs(model, loader, accelerator)
+        [logits] = columns
         positive = self.positive_index(label_names) if len(label_names) == 2 else None
         return classification_metrics(logits, labels, split, positive), class_report(logits, labels, label_names)
 
@@ -110,10 +116,10 @@ class MultiLabel(Task):
     default_loss = {"_target_": "runner.losses.BinaryCrossEntropy"}
     metric_names = ("f1_micro", "f1_macro", "precision_micro", "recall_micro", "exact_match", "loss")
 
-    def evaluate(self, model, loader, accelerator, split, label_names, text_ids=None):
-        from runner.evaluate import multilabel_metrics
+    def score(self, columns, labels, split, label_names, text_ids=None):
+        from runner.metrics import multilabel_metrics
 
-        [logits], labels = self.outputs(model, loader, accelerator)
+        [logits] = columns
         return multilabel_metrics(logits, labels, self.cfg.threshold, split), None
 
 
@@ -128,10 +134,10 @@ class Regress(Task):
     def scale_targets(self, labels):
         return scale_scores(labels, self.cfg.score_range)
 
-    def evaluate(self, model, loader, accelerator, split, label_names, text_ids=None):
-        from runner.evaluate import correlation_metrics
+    def score(self, columns, labels, split, label_names, text_ids=None):
+        from runner.metrics import correlation_metrics
 
-        [scores], labels = self.outputs(model, loader, accelerator)
+        [scores] = columns
         return correlation_metrics(scores[:, 0], labels, split, mse=True), None
 
 
@@ -154,11 +160,11 @@ class PairSimilarity(EmbeddingTask):
     def scale_targets(self, labels):
         return scale_scores(labels, self.cfg.score_range)
 
-    def evaluate(self, model, loader, accelerator, split, label_names, text_ids=None):
-        from runner.evaluate import correlation_metrics
+    def score(self, columns, labels, split, label_names, text_ids=None):
         from runner.losses import paired_similarity
+        from runner.metrics import correlation_metrics
 
-        (a, b), labels = self.outputs(model, loader, accelerator)
+        a, b = columns
         sims = paired_similarity(torch.from_numpy(a), torch.from_numpy(b), self.cfg.similarity.value).numpy()
         return correlation_metrics(sims, labels, split), None
 
@@ -169,10 +175,9 @@ class Retrieve(EmbeddingTask):
     default_loss = {"_target_": "runner.losses.MultipleNegativesRanking"}
     metric_names = ("triplet_accuracy", "mrr_at_10", "recall_at_1", "recall_at_10", "ndcg_at_10")
 
-    def evaluate(self, model, loader, accelerator, split, label_names, text_ids=None):
-        from runner.evaluate import retrieval_metrics
+    def score(self, columns, labels, split, label_names, text_ids=None):
+        from runner.metrics import retrieval_metrics
 
-        columns, _ = self.outputs(model, loader, accelerator)
         return retrieval_metrics(columns, text_ids, self.cfg.similarity.value, split), None
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from runner.data import load_dataset
 from runner.errors import DataError
-from runner.evaluate import classification_metrics
+from runner.metrics import classification_metrics
 from runner.schema import DataConfig, DataType
 from tests.conftest import make_sentences
 

@@ -12,7 +12,7 @@ import torch
 
 from runner import artifact, job
 from runner.errors import RunnerError
-from runner.evaluate import correlation_metrics, multilabel_metrics, retrieval_metrics
+from runner.metrics import correlation_metrics, multilabel_metrics, retrieval_metrics
 from tests.conftest import NEGATIVE, POSITIVE, make_sentences, triplet_sentence, write_csv, write_triplets
 
 sentence = triplet_sentence

@@ -1,0 +1,116 @@
+"""Metrics from model outputs: classification, multi-label, correlation (scores) and retrieval (triplets)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, prefix: str, positive: int | None = 1) -> dict[str, float]:
+    """accuracy, f1/precision/recall (macro), f1_micro, mcc and cross-entropy loss, keyed ``prefix/name``;
+    with two classes also ``f1``, ``precision``, ``recall`` of class ``positive`` (1 unless
+    task.positive_label says otherwise, as MRPC reports it)."""
+    from sklearn import metrics as m
+
+    pred = logits.argmax(axis=1)
+    loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    values = {
+        "accuracy": m.accuracy_score(labels, pred),
+        "f1_macro": m.f1_score(labels, pred, average="macro", zero_division=0),
+        "f1_micro": m.f1_score(labels, pred, average="micro", zero_division=0),
+        "precision_macro": m.precision_score(labels, pred, average="macro", zero_division=0),
+        "recall_macro": m.recall_score(labels, pred, average="macro", zero_division=0),
+        "mcc": m.matthews_corrcoef(labels, pred),
+        "loss": loss,
+    }
+    if logits.shape[1] == 2 and positive is not None:
+        for name, score in (("f1", m.f1_score), ("precision", m.precision_score), ("recall", m.recall_score)):
+            values[name] = score(labels, pred, pos_label=positive, average="binary", zero_division=0)
+    return {f"{prefix}/{k}": float(v) for k, v in values.items()}
+
+
+def class_report(logits: np.ndarray, labels: np.ndarray, names: list) -> dict:
+    """Per-class precision/recall/F1/support and the confusion matrix (rows: true, columns: predicted)."""
+    from sklearn import metrics as m
+
+    pred = logits.argmax(axis=1)
+    ids = list(range(len(names)))
+    report = m.classification_report(
+        labels, pred, labels=ids, target_names=[str(n) for n in names], output_dict=True, zero_division=0
+    )
+    matrix = m.confusion_matrix(labels, pred, labels=ids)
+    return {"per_class": report, "confusion_matrix": {"labels": names, "matrix": matrix.tolist()}}
+
+
+def multilabel_metrics(logits: np.ndarray, labels: np.ndarray, threshold: float, prefix: str) -> dict[str, float]:
+    """Sigmoid > threshold per label: micro/macro F1, micro precision/recall, exact match, BCE loss."""
+    from sklearn import metrics as m
+
+    pred = (1 / (1 + np.exp(-logits)) > threshold).astype(int)
+    truth = labels.astype(int)
+    loss = F.binary_cross_entropy_with_logits(torch.from_numpy(logits), torch.from_numpy(labels.astype(np.float32)))
+    values = {
+        "f1_micro": m.f1_score(truth, pred, average="micro", zero_division=0),
+        "f1_macro": m.f1_score(truth, pred, average="macro", zero_division=0),
+        "precision_micro": m.precision_score(truth, pred, average="micro", zero_division=0),
+        "recall_micro": m.recall_score(truth, pred, average="micro", zero_division=0),
+        "exact_match": float((pred == truth).all(axis=1).mean()),
+        "loss": loss.item(),
+    }
+    return {f"{prefix}/{k}": float(v) for k, v in values.items()}
+
+
+def correlation_metrics(predicted: np.ndarray, truth: np.ndarray, prefix: str, mse: bool = False) -> dict[str, float]:
+    """Pearson and Spearman correlation of predicted scores (or similarities) with the gold scores."""
+    from scipy import stats
+
+    values = {"pearson": stats.pearsonr(predicted, truth)[0], "spearman": stats.spearmanr(predicted, truth)[0]}
+    if mse:
+        values["mse"] = float(np.mean((predicted - truth) ** 2))
+    return {f"{prefix}/{k}": float(v) for k, v in values.items()}
+
+
+def retrieval_metrics(columns: list[np.ndarray], text_ids: np.ndarray, similarity: str, prefix: str) -> dict[str, float]:
+    """Triplet accuracy, and retrieval of each distinct anchor among the distinct positives and negatives.
+
+    ``columns``: anchor, positive (and negative) embeddings in dataset order; ``text_ids``: (columns, n)
+    ids equal for equal texts. The relevant documents of an anchor text are the positives paired with it
+    anywhere in the set. Metrics: ``triplet_accuracy`` (sim(a, p) > sim(a, n)), ``mrr_at_10``,
+    ``recall_at_1``, ``recall_at_10``, ``ndcg_at_10`` (binary relevance).
+    """
+    from runner.losses import paired_similarity, similarity_matrix
+
+    emb = [torch.from_numpy(c) for c in columns]
+    values = {}
+    if len(emb) > 2:
+        values["triplet_accuracy"] = float((paired_similarity(emb[0], emb[1], similarity) >
+                                            paired_similarity(emb[0], emb[2], similarity)).float().mean())
+    ids = np.asarray(text_ids)
+    queries = {}  # anchor text id -> row of its first occurrence
+    for row, q in enumerate(ids[0]):
+        queries.setdefault(int(q), row)
+    corpus = {}  # document text id -> (column, row)
+    for col in range(1, len(emb)):
+        for row, d in enumerate(ids[col]):
+            corpus.setdefault(int(d), (col, row))
+    relevant: dict[int, set[int]] = {}
+    for q, p in zip(ids[0], ids[1]):
+        relevant.setdefault(int(q), set()).add(int(p))
+    doc_ids = list(corpus)
+    doc_emb = torch.stack([emb[c][r] for c, r in corpus.values()])
+    query_ids = list(queries)
+    scores = similarity_matrix(torch.stack([emb[0][r] for r in queries.values()]), doc_emb, similarity)
+    top = scores.topk(min(10, len(doc_ids)), dim=1).indices.numpy()
+    mrr, r1, r10, ndcg = [], [], [], []
+    for qi, q in enumerate(query_ids):
+        hits = [doc_ids[j] in relevant[q] for j in top[qi]]
+        first = next((rank for rank, hit in enumerate(hits) if hit), None)
+        mrr.append(0.0 if first is None else 1.0 / (first + 1))
+        r1.append(sum(hits[:1]) / len(relevant[q]))
+        r10.append(sum(hits[:10]) / len(relevant[q]))
+        dcg = sum(1 / np.log2(rank + 2) for rank, hit in enumerate(hits) if hit)
+        ideal = sum(1 / np.log2(rank + 2) for rank in range(min(len(relevant[q]), 10)))
+        ndcg.append(dcg / ideal)
+    values.update({"mrr_at_10": np.mean(mrr), "recall_at_1": np.mean(r1), "recall_at_10": np.mean(r10), "ndcg_at_10": np.mean(ndcg)})
+    return {f"{prefix}/{k}": float(v) for k, v in values.items()}

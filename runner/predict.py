@@ -1,0 +1,258 @@
+"""Score a file or one text with a saved model.
+
+    python -m runner.predict model_dir=DIR input=FILE output=FILE.jsonl
+    python -m runner.predict model_dir=runs:/<mlflow run id> text="a gripping film"
+    python -m runner.predict model_dir=DIR input=pairs.tsv embeddings=true data.text_fields=[q,a]
+
+One JSON line per input row, in input order: ``label`` and ``probabilities`` (classifiers; ``top_k``
+keeps the k most likely), ``labels`` over the saved threshold (multi-label), ``score`` in the original
+range (regression and cross-encoder scores), ``similarity`` (bi-encoder pairs), ``embedding`` (embedding
+models, and any model with ``embeddings=true``). The file is read with the training run's reading
+options (``data.*``), which any ``data.KEY=VALUE`` overrides. Batches are sorted by length and
+tokenized as at training time (runner.batching), under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from runner.errors import RunnerError
+
+log = logging.getLogger("runner")
+
+
+@dataclass
+class PredictConfig:
+    model_dir: str = ""
+    input: str | None = None  # a csv/tsv/jsonl/parquet file (read like training data)
+    output: str | None = None  # a .jsonl file; none: standard output
+    text: str | None = None  # one text instead of a file
+    text_pair: str | None = None  # its pair (pair models)
+    embeddings: bool = False  # add the pooled sentence vector of every row
+    top_k: int | None = None  # classifiers: only the k most likely classes in "probabilities"
+    batch_size: int = 64
+    backend: str = "torch"  # torch | onnx (runner.export)
+    progress: bool = True
+    tracking_uri: str | None = None  # where runs:/<id> is looked up (default: outputs/mlflow.db)
+    data: dict = field(default_factory=dict)  # reading options over the training run's data.*
+
+
+def parse_args(argv: list[str], schema: type = PredictConfig):
+    """``key=value`` arguments into the typed config (unknown keys and bad types are one clear error)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise RunnerError(f"arguments are key=value (model_dir=DIR input=FILE ...); got {bad[0]!r}")
+    try:
+        given = OmegaConf.from_dotlist(argv)
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), given)
+    except OmegaConfBaseException as err:
+        raise RunnerError(f"{str(err).splitlines()[0]} (keys: {', '.join(f.name for f in schema.__dataclass_fields__.values())})") from err
+    out = OmegaConf.to_object(cfg)
+    if not out.model_dir:
+        raise RunnerError("model_dir is required: the model/ folder of a run, or runs:/<mlflow run id>")
+    return out
+
+
+def resolve_model_dir(model_dir: str, tracking_uri: str | None) -> Path:
+    """A folder, or ``runs:/<id>``: the run's own model folder when it is on this machine, else its artifact."""
+    if not model_dir.startswith("runs:/"):
+        return Path(model_dir)
+    import mlflow
+
+    from runner.tracking import default_uri
+
+    run_id = model_dir[len("runs:/") :].strip("/").split("/")[0]
+    uri = tracking_uri or default_uri()
+    try:
+        run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
+    except Exception as err:
+        raise RunnerError(f"model_dir={model_dir}: no such MLflow run in {uri} (set tracking_uri)") from err
+    local = Path(run.data.tags.get("output_dir", "")) / "model"
+    if (local / "runner_model.json").exists():
+        return local
+    return Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", tracking_uri=uri))
+
+
+def reading_config(folder: Path, meta: dict, input_path: str, overrides: dict):
+    """The training run's data reading options (its config.yaml), the input as the file, user overrides."""
+    from omegaconf import OmegaConf
+
+    from runner.schema import DataConfig, DataType
+
+    saved = OmegaConf.load(folder / "config.yaml").get("data", {}) if (folder / "config.yaml").exists() else {}
+    keep = {k: v for k, v in OmegaConf.to_container(saved).items()
+            if k not in ("train", "validation", "test", "hub", "split_field", "split_values", "max_train_samples",
+                         "train_embeddings", "validation_embeddings", "test_embeddings", "label_names")}
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), keep, overrides, {"train": input_path})
+    data = OmegaConf.to_object(cfg)
+    if meta.get("data_type") == "triplet":  # an embedding model: one text per row
+        data.type = DataType.single
+    return data
+
+
+def read_inputs(folder: Path, meta: dict, cfg: PredictConfig) -> list[list[str]] | np.ndarray:
+    """The text columns of the input (one, or two for pair models), or its vectors (given-embedding models)."""
+    from runner.data import read_source, read_vectors, select, text_fields
+
+    pair = meta.get("data_type") == "pair"
+    if cfg.text is not None:
+        if cfg.input is not None:
+            raise RunnerError("give input=FILE or text=..., not both")
+        if pair and cfg.text_pair is None:
+            raise RunnerError("this model scores pairs of texts: give text=... and text_pair=...")
+        if not pair and cfg.text_pair is not None:
+            raise RunnerError("text_pair= is for pair models; this model takes one text per input")
+        if meta.get("input") == "embeddings":
+            raise RunnerError("this model takes vectors (given embeddings), not text: give input=FILE")
+        return [[cfg.text], [cfg.text_pair]] if pair else [[cfg.text]]
+    if cfg.input is None:
+        raise RunnerError("give input=FILE (csv, tsv, jsonl, parquet) or text=...")
+    data = reading_config(folder, meta, cfg.input, cfg.data)
+    frame, where = read_source(data, "train")
+    if meta.get("input") == "embeddings":
+        raw = [data.embedding_field] if data.embedding_field else []
+        if not raw:
+            raise RunnerError("this model takes vectors: set data.embedding_field to the input's vector column")
+        return read_vectors(data, select(data, frame, where, [], None, raw), "train")
+    return select(data, frame, where, text_fields(data), None, []).pipe(
+        lambda f: [f[c].tolist() for c in f.columns if c.startswith("text")])
+
+
+class Predictor:
+    """A saved model and what it outputs for raw inputs: one tokenization and batching path with training."""
+
+    def __init__(self, folder: Path, backend: str = "torch") -> None:
+        from runner.artifact import load_model
+        from runner.model import quiet_libraries
+
+        quiet_libraries()
+        if backend not in ("torch", "onnx"):
+            raise RunnerError(f"backend={backend!r}: choose torch or onnx")
+        self.folder = folder
+        self.model, self.tokenizer, self.meta = load_model(folder)
+        self.backend = backend
+        self.onnx = None
+        if backend == "onnx":
+            from runner.export import OnnxModel
+
+            self.onnx = OnnxModel(folder)
+
+    @property
+    def has_head(self) -> bool:
+        return self.meta["head"] is not None
+
+    @torch.inference_mode()
+    def run(self, inputs, batch_size: int = 64, progress: bool = False, embeddings: bool = False) -> dict:
+        """``head``: head outputs (rows, outputs) of a head model; ``columns``: the pooled vector of every text
+        column (embedding models, or with ``embeddings``); all in input order."""
+        from tqdm.auto import tqdm
+
+        from runner import batching
+
+        if isinstance(inputs, np.ndarray):  # given embeddings: the head on the vectors
+            vectors = {"frozen": torch.from_numpy(inputs)}
+            return {"head": self.model(vectors).numpy(), "columns": [self.model.embed(vectors).numpy()] if embeddings else []}
+        data = batching.Encoded(self.tokenizer, inputs, None, self.meta["max_length"], self.meta.get("text_prefix", ""),
+                                joint=bool(self.meta.get("joint")))
+        loader = batching.make_loader(data, self.tokenizer, batch_size, train=False)
+        want_columns = embeddings or not self.has_head
+        head, columns, index = [], [[] for _ in data.input_ids], []
+        for batch in tqdm(loader, disable=not progress, unit="batch", desc="predict"):
+            out, pooled = self.forward(batch["features"], want_columns)
+            head.append(out)
+            for store, vectors in zip(columns, pooled):
+                store.append(vectors)
+            index.append(batch["index"])
+        order = torch.cat(index).argsort()  # one gather at the end: no host round trip per batch
+        gather = lambda parts: torch.cat(parts)[order].float().numpy()  # noqa: E731
+        return {"head": gather(head) if self.has_head else None,
+                "columns": [gather(c) for c in columns] if want_columns else []}
+
+    def forward(self, features: list[dict], want_columns: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Head outputs (None without a head) and, if wanted, the pooled vector of each text column."""
+        if self.onnx is not None:
+            return self.onnx.forward(features, want_columns)
+        first = self.model.embed(features[0])
+        head = self.model.head(first) if self.has_head else None
+        pooled = [first, *(self.model.embed(f) for f in features[1:])] if want_columns else []
+        return head, pooled
+
+    def records(self, outputs: dict, top_k: int | None = None) -> list[dict[str, Any]]:
+        """One JSON-ready dict per row."""
+        meta, head, columns = self.meta, outputs["head"], outputs["columns"]
+        rows: list[dict[str, Any]] = [{} for _ in range(len(head) if head is not None else len(columns[0]))]
+        task, labels = meta.get("task"), meta.get("labels") or []
+        if task == "MultiLabel":
+            probs = 1 / (1 + np.exp(-head))
+            for row, p in zip(rows, probs):
+                row["labels"] = [labels[i] for i in np.flatnonzero(p > meta.get("threshold", 0.5))]
+                row["probabilities"] = {str(labels[i]): round(float(p[i]), 6) for i in np.argsort(-p)[:top_k]}
+        elif task == "Regress":
+            low, high = meta.get("score_range") or (0.0, 1.0)  # trained on scores scaled to [0, 1]
+            for row, s in zip(rows, head[:, 0]):
+                row["score"] = float(s * (high - low) + low)
+        elif head is not None:
+            probs = np.exp(head - head.max(axis=1, keepdims=True))
+            probs /= probs.sum(axis=1, keepdims=True)
+            for row, p in zip(rows, probs):
+                row["label"] = labels[int(p.argmax())]
+                row["probabilities"] = {str(labels[i]): round(float(p[i]), 6) for i in np.argsort(-p)[:top_k]}
+        elif len(columns) == 2:  # a bi-encoder scores a pair by the similarity of its two vectors
+            from runner.losses import paired_similarity
+
+            sims = paired_similarity(torch.from_numpy(columns[0]), torch.from_numpy(columns[1]),
+                                     meta.get("similarity", "cosine")).numpy()
+            for row, s in zip(rows, sims):
+                row["similarity"] = float(s)
+        for name, vectors in zip(("embedding", "embedding_pair"), columns):
+            for row, vector in zip(rows, vectors):
+                row[name] = vector.tolist()
+        return rows
+
+
+def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
+    folder = resolve_model_dir(cfg.model_dir, cfg.tracking_uri)
+    from runner.artifact import read_meta
+
+    meta = read_meta(folder)
+    if cfg.top_k is not None and cfg.top_k < 1:
+        raise RunnerError(f"top_k={cfg.top_k} must be at least 1")
+    inputs = read_inputs(folder, meta, cfg)
+    predictor = Predictor(folder, cfg.backend)
+    outputs = predictor.run(inputs, cfg.batch_size, cfg.progress and cfg.text is None, cfg.embeddings)
+    return predictor.records(outputs, cfg.top_k)
+
+
+def write_jsonl(rows: list[dict], output: str | None) -> None:
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if output is None:
+        sys.stdout.write(lines)
+        return
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(lines, encoding="utf-8")
+    log.info("%d predictions written to %s", len(rows), output)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        write_jsonl(predict(cfg), cfg.output)
+    except RunnerError as err:
+        log.error("error: %s", err)
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()
