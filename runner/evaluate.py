@@ -98,7 +98,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     meta = read_meta(folder)
     trained = training_config(folder)
     inputs, targets, text_ids = labelled_inputs(folder, meta, trained, cfg.data)
-    task_cfg = TaskConfig(**{k: v for k, v in (trained.get("task") or {}).items() if k in TaskConfig.__dataclass_fields__})
+    from omegaconf import OmegaConf
+
+    task_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig), trained.get("task") or {}))
     task = make_task(DataType(meta.get("data_type", "single")), task_cfg)
     train = trained.get("train") or {}
     batch_size = cfg.batch_size or train.get("eval_batch_size") or 2 * train.get("batch_size", 32)
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate(cfg)
         out = write_and_log(cfg, result, training_config(Path(result["model_dir"])))
     except RunnerError as err:
-        log.error("error: %s", err)
+        print(f"error: {err}", file=sys.stderr)  # one line, whatever the logging setup
         sys.exit(err.exit_code)
     for key, value in result["metrics"].items():
         print(f"{key}={value:.6g}")

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         write_jsonl(predict(cfg), cfg.output)
     except RunnerError as err:
-        log.error("error: %s", err)
+        print(f"error: {err}", file=sys.stderr)  # one line, whatever the logging setup
         sys.exit(err.exit_code)
 
 
