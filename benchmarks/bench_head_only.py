@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "trec"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, SHARED, store, timed  # noqa: E402
+
+DATA = SHARED / "trec"
 
 ST_SCRIPT = """
 import time, pandas as pd
@@ -39,18 +38,6 @@ start = time.perf_counter()
 model.encode(texts, batch_size=64)
 print("ENCODE_SECONDS", time.perf_counter() - start)
 """
-
-
-def timed(args: list[str], cwd: Path) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MB, stdout) of a child process (peak RSS from GNU time)."""
-    tic = time.perf_counter()
-    out = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", *args], cwd=cwd, capture_output=True, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    seconds = time.perf_counter() - tic
-    if out.returncode != 0:
-        raise SystemExit(f"{args[:4]} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-    peak = int(out.stderr.rsplit("MAXRSS_KB", 1)[1].split()[0]) / 1024
-    return seconds, peak, out.stdout
 
 
 def main() -> None:
@@ -82,10 +69,7 @@ def main() -> None:
                          "vs_st_encode_call": round(seconds / encode, 2)}
     results["identical_fold_metrics"] = folds["runner cold"] == folds["runner warm"] == folds["runner no cache"]
     print(json.dumps(results, indent=2))
-    path = ROOT / "benchmarks" / "results.json"
-    stored = json.loads(path.read_text()) if path.exists() else {}
-    stored["head_only"] = {"machine": f"{os.cpu_count()} CPU cores", "folds": args.folds, "epochs": args.epochs, **results}
-    path.write_text(json.dumps(stored, indent=2) + "\n")
+    store("head_only", {"folds": args.folds, "epochs": args.epochs, **results})
 
 
 if __name__ == "__main__":
