@@ -2,7 +2,8 @@
 
     model/
       runner_model.json   format version, base model, pooling, head shape, label map, tokenization, task
-      encoder/            full / head_only: the encoder in Hugging Face format (a head model)
+      encoder/            full: the encoder in Hugging Face format (a head model); head_only names its
+                          unchanged base instead (base_model, base_revision, base_weights_sha256)
       (root)              a model whose pooling sentence-transformers knows (mean/cls/max/lasttoken on the
                           last layer, no LoRA): the encoder and tokenizer at the root plus modules.json,
                           1_Pooling/, 2_Normalize/, and for a cross-encoder a Dense "scores" module, so
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from runner.errors import RunnerError
-from runner.model import TextModel, VectorModel
+from runner.model import TextModel, VectorModel, weights_hash
 from runner.schema import DataType, ModelConfig
 from runner.spec import Run
 
@@ -56,17 +57,52 @@ def sentence_transformers_mode(model: TextModel, is_peft: bool, cross_encoder: b
     return ST_POOLING.get(type(pooling).__name__)
 
 
-def save_trained(run: Run, model: TextModel | VectorModel, tokenizer, label_names: list, folder: Path) -> Path:
-    """The one place a trained model is saved (single runs and k-fold folds alike)."""
+def save_trained(run: Run, model: TextModel | VectorModel, tokenizer, label_names: list, folder: Path,
+                 metrics: dict[str, float] | None = None) -> Path:
+    """The one place a trained model is saved (single runs and k-fold folds alike), with its model card."""
     cfg = run.cfg
     task = task_settings(run)
     if isinstance(model, VectorModel):
         saved = save_vector_model(folder, model, label_names, run.config_yaml, task)
     else:
         saved = save_model(folder, model, tokenizer, label_names, base_reference(cfg.model, folder),
-                           cfg.model.text_prefix, cfg.model.max_length, run.config_yaml, task=task)
+                           cfg.model.text_prefix, cfg.model.max_length, run.config_yaml, task=task,
+                           base_revision=cfg.model.revision)
+    write_card(saved, run, metrics or {})
     log.info("model saved to %s", folder)
     return saved
+
+
+def write_card(folder: Path, run: Run, metrics: dict[str, float]) -> None:
+    """README.md: what the model is, what it was trained on, how well it does, and how to load it."""
+    meta = json.loads((folder / "runner_model.json").read_text())
+    data = run.cfg.data
+    source = data.hub or data.train or data.train_embeddings
+    kind = {"Classify": "classifier", "MultiLabel": "multi-label classifier", "Regress": "regressor",
+            "PairSimilarity": "bi-encoder (embeddings compared by similarity)", "Retrieve": "embedding model"}
+    rows = "\n".join(f"| `{k}` | {v:.4f} |" for k, v in sorted(metrics.items()) if not k.startswith("train/"))
+    ecosystems = ["```bash", f"python -m runner.predict model_dir={folder} input=FILE output=FILE.jsonl",
+                  f"python -m runner.evaluate model_dir={folder} data.test=FILE", "```", "",
+                  "```python", "from runner.artifact import load_model",
+                  f'model, tokenizer, meta = load_model("{folder}")', "```"]
+    if meta.get("sentence_transformers"):
+        cls = "CrossEncoder" if meta.get("head") else "SentenceTransformer"
+        ecosystems += ["", "```python", f"from sentence_transformers import {cls}", f'model = {cls}("{folder}")', "```"]
+    if meta.get("encoder") == "base":
+        ecosystems += ["", f"The encoder is the unchanged base model `{meta['base_model']}` (weights sha256 "
+                       f"`{meta['base_weights_sha256'][:16]}...`, checked on load); this folder holds the head."]
+    ecosystems += ["", "ONNX (encoder, pooling and head in one graph): "
+                   f"`python -m runner.export model_dir={folder} format=onnx`."]
+    card = [f"# {run.cfg.tracking.run_name or folder.parent.name}", "",
+            f"A {kind.get(meta.get('task'), 'model')} trained with runner ({run.cfg.mode._target_.rsplit('.', 1)[-1]} "
+            f"mode) on `{source}` ({data.type.value} data).", "",
+            f"- base model: `{run.cfg.model.name_or_path or 'random init (' + str(run.cfg.model.random_init) + ')'}`",
+            f"- pooling: `{meta.get('pooling', {}).get('_target_', 'given embeddings')}`",
+            f"- labels: {meta.get('labels') or 'none (scores or embeddings)'}",
+            f"- max length {meta.get('max_length')}, text prefix {meta.get('text_prefix')!r}", "",
+            "## Metrics", "", "| metric | value |", "|---|---|", rows or "| (none recorded) | |", "",
+            "## Use it", "", *ecosystems, ""]
+    (folder / "README.md").write_text("\n".join(card))
 
 
 def task_settings(run: Run) -> dict:
@@ -129,7 +165,8 @@ def plain_base(peft_encoder) -> nn.Module:
 
 
 def save_model(folder: str | Path, model: TextModel, tokenizer, label_names: list, base_model: str | None,
-               text_prefix: str, max_length: int, config_yaml: str | None = None, task: dict | None = None) -> Path:
+               text_prefix: str, max_length: int, config_yaml: str | None = None, task: dict | None = None,
+               base_revision: str | None = None) -> Path:
     from peft import PeftModel
 
     task = task or {}
@@ -138,6 +175,9 @@ def save_model(folder: str | Path, model: TextModel, tokenizer, label_names: lis
     folder.mkdir(parents=True, exist_ok=True)
     is_peft = isinstance(model.encoder, PeftModel)
     st_mode = sentence_transformers_mode(model, is_peft, cross_encoder)
+    # A frozen encoder (head_only) is the base model unchanged: the folder names it (and its weights' hash,
+    # checked on load) instead of holding another copy of it in every run and fold folder.
+    by_reference = model.frozen_encoder and not is_peft and not st_mode and base_model is not None
     if st_mode and model.head_outputs is not None:  # CrossEncoder.predict: raw head outputs, no sigmoid
         model.encoder.config.sentence_transformers = {"activation_fn": "torch.nn.modules.linear.Identity"}
     if is_peft:
@@ -149,6 +189,8 @@ def save_model(folder: str | Path, model: TextModel, tokenizer, label_names: lis
         if base_model is None:  # a random base: its weights, without LoRA layers, so it reloads exactly
             plain_base(model.encoder).save_pretrained(folder / "base")
         encoder_dir = "adapter"
+    elif by_reference:
+        encoder_dir = "base"
     else:
         encoder_dir = "." if st_mode else "encoder"
         model.encoder.save_pretrained(folder / encoder_dir)
@@ -165,7 +207,9 @@ def save_model(folder: str | Path, model: TextModel, tokenizer, label_names: lis
         "encoder": encoder_dir,
         "tokenizer": "." if st_mode else "tokenizer",
         "sentence_transformers": bool(st_mode),
-        "base_model": base_model if is_peft and base_model else ("base" if is_peft else None),
+        "base_model": base_model if (is_peft or by_reference) and base_model else ("base" if is_peft else None),
+        "base_revision": base_revision if by_reference else None,
+        "base_weights_sha256": weights_hash(model.encoder) if by_reference else None,
         "pooling": model.pooling.describe(),
         "head": None if linear is None else
         {"type": "linear", "in_features": linear.in_features, "out_features": linear.out_features},
@@ -228,6 +272,11 @@ def load_model(folder: str | Path) -> tuple[TextModel | VectorModel, object, dic
         base_ref = meta["base_model"]
         base = AutoModel.from_pretrained(folder / "base" if base_ref == "base" else resolve_base(base_ref, folder))
         encoder = PeftModel.from_pretrained(base, folder / "adapter")
+    elif meta["encoder"] == "base":  # a head_only model: the unchanged base encoder, by reference
+        encoder = AutoModel.from_pretrained(resolve_base(meta["base_model"], folder), revision=meta.get("base_revision"))
+        if weights_hash(encoder) != meta["base_weights_sha256"]:
+            raise RunnerError(f"{folder}: its base model {meta['base_model']} has other weights than the ones it was "
+                              f"trained on (sha256 differs): restore that base model (or revision) to use it")
     else:
         encoder = AutoModel.from_pretrained(folder / meta["encoder"])
     pooling_spec = dict(meta["pooling"])

@@ -104,9 +104,9 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
         value = metrics[cfg.objective.metric]
         if result is not None and accelerator.is_main_process:
             if cfg.save_model and cfg.cv.keep_models == KeepModels.all:
-                save_trained(run, result.model, tokenizer, data.label_names, workdir / "model")
+                save_trained(run, result.model, tokenizer, data.label_names, workdir / "model", metrics)
             elif cfg.save_model and cfg.cv.keep_models == KeepModels.best and (best is None or sign * value > sign * best):
-                save_trained(run, result.model, tokenizer, data.label_names, out / "model")
+                save_trained(run, result.model, tokenizer, data.label_names, out / "model", metrics)
             done.parent.mkdir(parents=True, exist_ok=True)  # a fold may have ended before its first checkpoint
             done.write_text(json.dumps({"metrics": metrics, "reports": report}))  # written last: the fold is finished
         rows.append({"fold": i, **metrics})

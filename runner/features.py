@@ -30,6 +30,7 @@ import torch
 
 from runner import batching
 from runner.data import Dataset
+from runner.model import weights_hash
 from runner.pooling import frozen_layout
 
 log = logging.getLogger("runner")
@@ -66,14 +67,6 @@ def units(data: Dataset, joint: bool) -> dict[str, str | tuple[str, str]]:
         for item in items:
             seen.setdefault(text_key(item), item)
     return seen
-
-
-def weights_hash(module: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def tokenizer_hash(tokenizer) -> str:

@@ -86,7 +86,7 @@ def train_and_report(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
         result = fit_and_evaluate(run, data, tokenizer, accelerator, tracker, out, frozen)
         summary = single_summary(run, result)
         if accelerator.is_main_process and cfg.save_model:
-            artifact.save_trained(run, result.model, tokenizer, data.label_names, out / "model")
+            artifact.save_trained(run, result.model, tokenizer, data.label_names, out / "model", result.metrics)
     if accelerator.is_main_process:
         write_outputs(run, data, summary, out, tracker)
     objective = summary["objective"]["value"]

@@ -130,6 +130,17 @@ def load_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     return encoder
 
 
+def weights_hash(module: nn.Module) -> str:
+    """sha256 of every weight by name: what identifies an encoder's numbers, whatever its files look like."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def first_line(err: Exception) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 

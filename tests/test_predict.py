@@ -190,3 +190,28 @@ def test_triplet_model_evaluates_retrieval(make_run, tmp_path, capsys):
     code, out, err = run_tool(predict_main, [f"model_dir={model}", f"input={files['test']}", "data.text_field=anchor"], capsys)
     assert code == 0, err
     assert len(json.loads(out.splitlines()[0])["embedding"]) == 32
+
+
+def test_head_only_model_names_its_base_instead_of_copying_it(tmp_path, toy_data, monkeypatch, capsys):
+    """A frozen encoder is the packaged MiniLM unchanged: the folder holds the head and a reference."""
+    from tests.conftest import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(["mode=head_only", "data=csv", f"data.train={toy_data['train']}", f"data.test={toy_data['test']}",
+                         "data.validation=null", "train.epochs=1", "hardware=cpu", "train.progress=false",
+                         "tracking.enabled=false", f"cache.dir={tmp_path / 'cache'}", "hydra.run.dir=run"], capsys)
+    assert code == 0, out
+    model = tmp_path / "run" / "model"
+    meta = json.loads((model / "runner_model.json").read_text())
+    assert meta["encoder"] == "base" and meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert sum(f.stat().st_size for f in model.rglob("*") if f.is_file()) < 2_000_000  # no 88 MB encoder copy
+    card = (model / "README.md").read_text()
+    assert "sentence-transformers/all-MiniLM-L6-v2" in card and "test/accuracy" in card
+    logged = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    code, out, err = run_tool(predict_main, [f"model_dir={model}", f"input={toy_data['test']}", "progress=false"], capsys)
+    truth = pd.read_csv(toy_data["test"])["label"].tolist()
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]  # (the Hydra run's log handler)
+    assert code == 0 and np.mean([r["label"] == y for r, y in zip(rows, truth)]) == logged["test/accuracy"]
+    (model / "runner_model.json").write_text(json.dumps({**meta, "base_weights_sha256": "0" * 64}))
+    code, _, err = run_tool(predict_main, [f"model_dir={model}", "text=a fine film"], capsys)
+    assert code == 1 and "has other weights than the ones it was trained on" in err
