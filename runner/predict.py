@@ -39,7 +39,7 @@ class PredictConfig:
     embeddings: bool = False  # add the pooled sentence vector of every row
     top_k: int | None = None  # classifiers: only the k most likely classes in "probabilities"
     batch_size: int = 64
-    backend: str = "torch"  # torch | onnx (runner.export)
+    backend: str = "torch"  # torch | onnx | onnx-int8 (after python -m runner.export ... format=onnx)
     progress: bool = True
     tracking_uri: str | None = None  # where runs:/<id> is looked up (default: outputs/mlflow.db)
     data: dict = field(default_factory=dict)  # reading options over the training run's data.*
@@ -137,16 +137,19 @@ class Predictor:
         from runner.model import quiet_libraries
 
         quiet_libraries()
-        if backend not in ("torch", "onnx"):
-            raise RunnerError(f"backend={backend!r}: choose torch or onnx")
-        self.folder = folder
-        self.model, self.tokenizer, self.meta = load_model(folder)
-        self.backend = backend
-        self.onnx = None
-        if backend == "onnx":
+        if backend not in ("torch", "onnx", "onnx-int8"):
+            raise RunnerError(f"backend={backend!r}: choose torch, onnx or onnx-int8 (after runner.export)")
+        self.folder, self.backend, self.onnx = folder, backend, None
+        if backend.startswith("onnx"):  # the exported graph and its tokenizer: no PyTorch model is built
+            from transformers import AutoTokenizer
+
             from runner.export import OnnxModel
 
-            self.onnx = OnnxModel(folder)
+            self.onnx = OnnxModel(folder, "model.int8.onnx" if backend == "onnx-int8" else "model.onnx")
+            self.meta = json.loads((folder / "onnx" / "runner_model.json").read_text())
+            self.tokenizer, self.model = AutoTokenizer.from_pretrained(folder / "onnx"), None
+        else:
+            self.model, self.tokenizer, self.meta = load_model(folder)
 
     @property
     def has_head(self) -> bool:

@@ -165,7 +165,7 @@ def test_bad_inputs_are_one_clear_message(make_run, toy_data, tmp_path, capsys):
          "no column 'text' (data.text_field)"),
         ([f"model_dir={model}", "text=a", "top_k=0"], "top_k=0 must be at least 1"),
         ([f"model_dir={model}", "text=a", "colour=red"], "Key 'colour' not in 'PredictConfig'"),
-        ([f"model_dir={model}", "text=a", "backend=tensorflow"], "backend='tensorflow': choose torch or onnx"),
+        ([f"model_dir={model}", "text=a", "backend=tensorflow"], "backend='tensorflow': choose torch, onnx or onnx-int8"),
     ]
     for args, message in cases:
         code, out, err = run_tool(predict_main, args, capsys)

@@ -1,0 +1,189 @@
+"""Export a saved model: one ONNX graph, or a merged (LoRA-free) runner folder.
+
+    python -m runner.export model_dir=DIR format=onnx [quantize=int8] [output=DIR/onnx]
+    python -m runner.export model_dir=DIR format=merged [output=DIR/merged]
+
+``format=onnx`` writes ``model.onnx``: encoder + pooling (+ normalize) + head in one graph, with dynamic
+batch and sequence axes. Inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the
+encoder has them); outputs ``logits`` (a head model: class logits, or the score of a regressor) and
+``embedding`` (the pooled vector). The tokenizer (``tokenizer.json``) and ``runner_model.json`` go beside
+it, so ``runner.predict backend=onnx`` (or any onnxruntime user) needs no PyTorch model code. LoRA is
+merged first. ``quantize=int8`` adds ``model.int8.onnx`` (dynamic int8 quantization of the matmuls).
+The export traces padded examples in a batch of several texts, so a mask bug cannot hide.
+
+``format=merged`` writes a runner model folder whose encoder is a plain Hugging Face folder (LoRA merged
+into the weights; it loads with ``transformers.AutoModel`` alone) and, when the pooling allows, the
+sentence-transformers files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from runner.errors import RunnerError
+
+log = logging.getLogger("runner")
+EXAMPLES = ["a", "a somewhat longer text, so that the first one is padded", "two words"]
+
+
+@dataclass
+class ExportConfig:
+    model_dir: str = ""
+    format: str = "onnx"  # onnx | merged
+    quantize: str | None = None  # int8 (onnx only)
+    output: str | None = None  # default: <model_dir>/onnx or <model_dir>/merged
+    opset: int = 17
+    tracking_uri: str | None = None
+
+
+def merged_encoder(encoder: nn.Module) -> nn.Module:
+    """A LoRA encoder with its adapters folded into the weights (a plain transformers model); others as they are."""
+    from peft import PeftModel
+
+    if isinstance(encoder, PeftModel):
+        return encoder.merge_and_unload()
+    return encoder
+
+
+class Graph(nn.Module):
+    """What the ONNX graph computes: token ids -> pooled embedding (-> head)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+        self.has_head = model.head_outputs is not None
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        features = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            features["token_type_ids"] = token_type_ids
+        pooled = self.model.embed(features)
+        return (self.model.head(pooled), pooled) if self.has_head else pooled
+
+
+def export_onnx(folder: Path, out: Path, opset: int = 17, quantize: str | None = None) -> Path:
+    from runner.artifact import load_model
+
+    model, tokenizer, meta = load_model(folder)
+    if meta.get("input") == "embeddings":
+        raise RunnerError(f"{folder} is a head on given embeddings: it has no encoder to export")
+    model.encoder = merged_encoder(model.encoder)
+    graph = Graph(model).eval()  # a new module starts in training mode: dropout in the graph otherwise
+    texts = [meta.get("text_prefix", "") + t for t in EXAMPLES]
+    batch = (tokenizer(texts, texts[::-1], padding=True, truncation=True, max_length=meta["max_length"], return_tensors="pt")
+             if meta.get("joint") else
+             tokenizer(texts, padding=True, truncation=True, max_length=meta["max_length"], return_tensors="pt"))
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in batch]
+    outputs = ["logits", "embedding"] if graph.has_head else ["embedding"]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "model.onnx"
+    axes = {n: {0: "batch", 1: "sequence"} for n in names} | {o: {0: "batch"} for o in outputs}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on transformers' shape checks: the check below decides
+        torch.onnx.export(graph, tuple(batch[n] for n in names), str(path), input_names=names, output_names=outputs,
+                          dynamic_axes=axes, opset_version=opset, dynamo=False)
+    tokenizer.save_pretrained(out)
+    (out / "runner_model.json").write_text(json.dumps({**meta, "onnx": {"inputs": names, "outputs": outputs}}, indent=2))
+    check(graph, path, batch, names)
+    if quantize:
+        if quantize != "int8":
+            raise RunnerError(f"quantize={quantize!r}: only int8 is supported")
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(path), str(out / "model.int8.onnx"), weight_type=QuantType.QInt8)
+    log.info("ONNX graph written to %s%s", path, " (and model.int8.onnx)" if quantize else "")
+    return path
+
+
+def check(graph: Graph, path: Path, batch, names: list[str]) -> None:
+    """The graph must reproduce PyTorch on the padded export batch (a broken mask shows here)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {n: batch[n].numpy() for n in names})
+    with torch.no_grad():
+        want = graph(*(batch[n] for n in names))
+    want = want if isinstance(want, tuple) else (want,)
+    worst = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
+    if worst > 1e-4:
+        raise RunnerError(f"the exported graph differs from PyTorch by {worst:.2e} on the export batch: not usable")
+
+
+class OnnxModel:
+    """``runner.predict backend=onnx``: the exported graph behind the Predictor's forward."""
+
+    def __init__(self, folder: Path, file: str = "model.onnx") -> None:  # or model.int8.onnx
+        import onnxruntime
+
+        path = folder / "onnx" / file
+        if not path.exists():
+            raise RunnerError(f"{path} does not exist: run python -m runner.export model_dir={folder} format=onnx first")
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def run(self, features: dict) -> dict[str, torch.Tensor]:
+        values = self.session.run(None, {n: features[n].numpy() for n in self.inputs})
+        return {name: torch.from_numpy(v) for name, v in zip(self.outputs, values)}
+
+    def forward(self, features: list[dict], want_columns: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        first = self.run(features[0])
+        pooled = [first["embedding"], *(self.run(f)["embedding"] for f in features[1:])] if want_columns else []
+        return first.get("logits"), pooled
+
+
+def export_merged(folder: Path, out: Path) -> Path:
+    """A runner model folder with the LoRA adapters merged into a plain encoder."""
+    from runner.artifact import load_model, save_model
+
+    model, tokenizer, meta = load_model(folder)
+    if meta.get("encoder") != "adapter":
+        raise RunnerError(f"{folder} has no LoRA adapter to merge (its encoder is {meta.get('encoder')!r})")
+    model.encoder = merged_encoder(model.encoder)
+    config_yaml = (folder / "config.yaml").read_text() if (folder / "config.yaml").exists() else None
+    task = {k: meta.get(k) for k in ("task", "data_type", "joint", "threshold", "score_range", "similarity")}
+    save_model(out, model, tokenizer, meta["labels"], None, meta.get("text_prefix", ""), meta["max_length"],
+               config_yaml, task=task)
+    if (folder / "README.md").exists():
+        shutil.copy(folder / "README.md", out / "README.md")
+    log.info("merged model written to %s", out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from runner.predict import parse_args, resolve_model_dir
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv, ExportConfig)
+        folder = resolve_model_dir(cfg.model_dir, cfg.tracking_uri)
+        from runner.artifact import read_meta
+        from runner.model import quiet_libraries
+
+        read_meta(folder)
+        quiet_libraries()
+        if cfg.format == "onnx":
+            export_onnx(folder, Path(cfg.output or folder / "onnx"), cfg.opset, cfg.quantize)
+        elif cfg.format == "merged":
+            if cfg.quantize:
+                raise RunnerError("quantize applies to format=onnx")
+            export_merged(folder, Path(cfg.output or folder / "merged"))
+        else:
+            raise RunnerError(f"format={cfg.format!r}: choose onnx or merged")
+    except RunnerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()
