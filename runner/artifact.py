@@ -31,6 +31,7 @@ from torch import nn
 
 from runner.errors import RunnerError
 from runner.model import TextModel, VectorModel, weights_hash
+from runner.modes import merged_encoder
 from runner.schema import DataType, ModelConfig
 from runner.spec import Run
 
@@ -62,6 +63,8 @@ def save_trained(run: Run, model: TextModel | VectorModel, tokenizer, label_name
     """The one place a trained model is saved (single runs and k-fold folds alike), with its model card."""
     cfg = run.cfg
     task = task_settings(run)
+    if getattr(run.mode, "merge", False):  # mode.merge=true: a plain encoder folder (the run is over: merge in place)
+        model.encoder = merged_encoder(model.encoder)
     if isinstance(model, VectorModel):
         saved = save_vector_model(folder, model, label_names, run.config_yaml, task)
     else:

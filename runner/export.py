@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from runner.errors import RunnerError
+from runner.modes import merged_encoder
 
 log = logging.getLogger("runner")
 EXAMPLES = ["a", "a somewhat longer text, so that the first one is padded", "two words"]
@@ -44,15 +45,6 @@ class ExportConfig:
     output: str | None = None  # default: <model_dir>/onnx or <model_dir>/merged
     opset: int = 17
     tracking_uri: str | None = None
-
-
-def merged_encoder(encoder: nn.Module) -> nn.Module:
-    """A LoRA encoder with its adapters folded into the weights (a plain transformers model); others as they are."""
-    from peft import PeftModel
-
-    if isinstance(encoder, PeftModel):
-        return encoder.merge_and_unload()
-    return encoder
 
 
 class Graph(nn.Module):

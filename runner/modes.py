@@ -82,15 +82,24 @@ class Full(Mode):
         return encoder
 
 
+def merged_encoder(encoder: nn.Module) -> nn.Module:
+    """A LoRA encoder with its adapters folded into the weights (a plain transformers model); others as they are."""
+    from peft import PeftModel
+
+    return encoder.merge_and_unload() if isinstance(encoder, PeftModel) else encoder
+
+
 class Lora(Mode):
-    """LoRA adapters through peft; only the adapters (and the head) train."""
+    """LoRA adapters through peft; only the adapters (and the head) train. ``merge``: the saved model is
+    the encoder with the adapters merged in (a plain Hugging Face folder, no peft needed to load it)."""
 
     def __init__(
-        self, r: int = 8, alpha: int = 16, dropout: float = 0.1, target_modules: Sequence[str] | None = None
+        self, r: int = 8, alpha: int = 16, dropout: float = 0.1, target_modules: Sequence[str] | None = None,
+        merge: bool = False,
     ) -> None:
         if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
             raise RunnerError(f"mode: r={r} must be at least 1, alpha={alpha} positive, dropout={dropout} in [0, 1)")
-        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.r, self.alpha, self.dropout, self.merge = r, alpha, dropout, merge
         self.target_modules = list(target_modules) if target_modules else None
 
     def targets_for(self, encoder: nn.Module) -> list[str]:

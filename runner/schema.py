@@ -129,6 +129,7 @@ class PeftModeConfig:
     dropout: float = 0.1
     # None picks the defaults of the encoder's architecture family (see runner/modes.py)
     target_modules: list[str] | None = None
+    merge: bool = False  # save the encoder with the adapters merged in (loads without peft)
 
 
 # ------------------------------------------------------------------------------------- loss (conf/loss/)

@@ -117,3 +117,20 @@ def test_export_bad_input(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(args)
         assert message in capsys.readouterr().err
+
+
+def test_mode_merge_saves_a_plain_encoder_with_the_same_predictions(make_run, toy_data, tmp_path):
+    from pathlib import Path
+
+    from runner import job
+    from runner.evaluate import EvaluateConfig, evaluate
+
+    run = make_run("mode=peft", "mode.merge=true", "train.epochs=2", "train.lr=1e-2")
+    job.execute(run)
+    folder = Path(run.cfg.output_dir) / "model"
+    meta = json.loads((folder / "runner_model.json").read_text())
+    assert meta["encoder"] == "encoder" and not (folder / "adapter").exists()
+    logged = json.loads((Path(run.cfg.output_dir) / "metrics.json").read_text())["metrics"]
+    again = evaluate(EvaluateConfig(model_dir=str(folder), progress=False, data={"test": toy_data["test"]}))["metrics"]
+    assert again["test/accuracy"] == logged["test/accuracy"]
+    assert again["test/loss"] == pytest.approx(logged["test/loss"], abs=1e-5)
