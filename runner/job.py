@@ -88,6 +88,8 @@ def train_and_report(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
         if accelerator.is_main_process and cfg.save_model:
             artifact.save_trained(run, result.model, tokenizer, data.label_names, out / "model", result.metrics)
     if accelerator.is_main_process:
+        if cfg.save_model and cfg.tracking.log_model and (out / "model" / "runner_model.json").exists():
+            tracker.log_model(out / "model", cfg.tracking.register)
         write_outputs(run, data, summary, out, tracker)
     objective = summary["objective"]["value"]
     log.info("objective %s = %.4f", summary["objective"]["metric"], objective)

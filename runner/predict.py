@@ -81,7 +81,8 @@ def resolve_model_dir(model_dir: str, tracking_uri: str | None) -> Path:
     local = Path(run.data.tags.get("output_dir", "")) / "model"
     if (local / "runner_model.json").exists():
         return local
-    return Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", tracking_uri=uri))
+    # elsewhere: the runner folder inside the run's pyfunc model (runner/mlflow_model.py)
+    return Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/artifacts/runner_model", tracking_uri=uri))
 
 
 def reading_config(folder: Path, meta: dict, input_path: str, overrides: dict):

@@ -371,6 +371,8 @@ class TrackingConfig:
     # where params and metrics go: mlflow (always: the store of runs, resumes and sweeps), plus
     # tensorboard (event files in <run folder>/tensorboard) and/or wandb (WANDB_MODE=offline works offline)
     backends: list[str] = field(default_factory=lambda: ["mlflow"])
+    log_model: bool = True  # the saved model also as an MLflow pyfunc model (runs:/<id>/model: serve, predict)
+    register: str | None = None  # and registered under this name in the Model Registry
 
 
 @dataclass

@@ -24,7 +24,7 @@ from runner.tracking import flatten
 RESUME_NEUTRAL = (
     "train.resume", "train.progress", "train.checkpoint_every", "train.keep_checkpoints",
     "train.keep_checkpoints_after_run", "train.log_every", "train.eval_batch_size", "hardware.num_workers",
-    "tracking.", "output_dir", "overwrite", "save_model", "cv.keep_models", "cache.",
+    "tracking.", "output_dir", "overwrite", "save_model", "cv.keep_models", "cache.", "mode.merge",
 )
 
 

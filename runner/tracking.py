@@ -248,6 +248,13 @@ class Tracker:
         if self.run_id:
             self.client.log_artifact(self.run_id, str(path), folder)
 
+    def log_model(self, folder: Path, register: str | None = None) -> None:
+        """The saved model folder as this run's pyfunc model (runner/mlflow_model.py)."""
+        if self.run_id:
+            from runner.mlflow_model import log_pyfunc
+
+            log_pyfunc(self.client, self.run_id, folder, register)
+
     @contextlib.contextmanager
     def closing(self):
         """End the run as the block ends: FINISHED, KILLED (a signal, Ctrl-C) or FAILED with the error."""

@@ -125,6 +125,7 @@ def tiny_overrides(tmp_path, tokenizer_dir, toy_data) -> list[str]:
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "tracking.experiment=test",
         f"cache.dir={tmp_path / 'cache'}",
+        "tracking.log_model=false",  # the pyfunc copy of the model is tested where it matters (test_mlflow_model.py)
     ]
 
 

@@ -1,0 +1,78 @@
+"""A saved model as an MLflow pyfunc model: ``mlflow models predict`` / ``serve`` / the Model Registry.
+
+Every job that saves a model also logs it to its MLflow run under ``model/`` (with a signature and an input
+example), so that
+
+    mlflow models serve -m runs:/<run id>/model --env-manager local
+    curl -X POST localhost:5000/invocations -H 'Content-Type: application/json' \\
+         -d '{"dataframe_records": [{"text": "a gripping film"}]}'
+
+answers with what ``runner.predict`` writes for those rows. ``tracking.register=<name>`` also registers
+it in the Model Registry. Input columns: ``text`` (and ``text_pair`` for pair models), or ``embedding``
+for a head on given embeddings; ``embeddings: true`` in the request's params adds the vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow.pyfunc
+
+log = logging.getLogger("runner")
+
+
+class RunnerModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from runner.predict import Predictor
+
+        self.predictor = Predictor(Path(context.artifacts["runner_model"]))
+
+    def predict(self, context, model_input, params=None):
+        import numpy as np
+
+        meta, params = self.predictor.meta, params or {}
+        if meta.get("input") == "embeddings":
+            inputs = np.asarray(model_input["embedding"].tolist(), dtype=np.float32)
+        else:
+            inputs = [model_input["text"].astype(str).tolist()]
+            if meta.get("data_type") == "pair":
+                inputs.append(model_input["text_pair"].astype(str).tolist())
+        outputs = self.predictor.run(inputs, embeddings=bool(params.get("embeddings", False)))
+        return self.predictor.records(outputs, params.get("top_k"))
+
+
+def log_pyfunc(client, run_id: str, folder: Path, register: str | None = None) -> None:
+    """Save the pyfunc flavour of ``folder`` and log it as the run's ``model/`` artifact (optionally registered)."""
+    import mlflow
+    import pandas as pd
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bar in the run's log
+    meta = json.loads((folder / "runner_model.json").read_text())
+    if meta.get("input") == "embeddings":  # a list column; no example (its length is the model's dim)
+        columns, example = [ColSpec(mlflow.types.schema.Array("double"), "embedding")], None
+    else:
+        columns = [ColSpec("string", "text")] + ([ColSpec("string", "text_pair")] if meta.get("data_type") == "pair" else [])
+        example = pd.DataFrame({c.name: ["a gripping, beautiful film", "the plot goes nowhere"] for c in columns})
+    params = ParamSchema([ParamSpec("embeddings", "boolean", False), ParamSpec("top_k", "long", None)])
+    signature = ModelSignature(inputs=Schema(columns), params=params)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model"
+        mlflow.pyfunc.save_model(path, python_model=RunnerModel(), artifacts={"runner_model": str(folder)},
+                                 signature=signature, input_example=example)
+        client.log_artifacts(run_id, str(path), "model")
+    if register:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client.create_registered_model(register)
+        except MlflowException:  # it exists: this run becomes its next version
+            pass
+        source = f"{client.get_run(run_id).info.artifact_uri}/model"
+        version = client.create_model_version(register, source, run_id)
+        log.info("registered model %s version %s", register, version.version)

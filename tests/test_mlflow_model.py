@@ -1,0 +1,80 @@
+"""Each saved model is an MLflow pyfunc model: loaded through MLflow it predicts what runner.predict does;
+``tracking.register`` puts it in the Model Registry; ``mlflow models serve`` answers (slow test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from runner import job
+from runner.predict import PredictConfig, predict
+
+TEXTS = ["the film was good", "a plot was awful and poor", "nice"]
+
+
+@pytest.fixture
+def logged_model(make_run):
+    run = make_run("tracking.log_model=true", "tracking.register=toy-classifier", "train.epochs=1")
+    job.execute(run)
+    run_id = json.loads((Path(run.cfg.output_dir) / "mlflow_run.json").read_text())["run_id"]
+    return run, run_id
+
+
+def test_the_pyfunc_model_predicts_what_runner_predict_does(logged_model, tmp_path):
+    run, run_id = logged_model
+    uri = run.cfg.tracking.uri
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    assert [c.name for c in model.metadata.get_input_schema().inputs] == ["text"]
+    got = model.predict(pd.DataFrame({"text": TEXTS}))
+    folder = Path(run.cfg.output_dir) / "model"
+    want = [predict(PredictConfig(model_dir=str(folder), text=t, progress=False))[0] for t in TEXTS]
+    assert got == want
+    assert model.predict(pd.DataFrame({"text": TEXTS}), params={"embeddings": True})[0]["embedding"]
+    [version] = mlflow.MlflowClient(uri).search_model_versions("name='toy-classifier'")
+    assert version.run_id == run_id
+    # runs:/<id> works as runner.predict's model_dir too
+    by_id = predict(PredictConfig(model_dir=f"runs:/{run_id}", text=TEXTS[0], tracking_uri=uri, progress=False))
+    assert by_id == want[:1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_like_runner_predict(logged_model):
+    run, run_id = logged_model
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": run.cfg.tracking.uri}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        body = json.dumps({"dataframe_records": [{"text": t} for t in TEXTS]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    folder = Path(run.cfg.output_dir) / "model"
+    assert answer == [predict(PredictConfig(model_dir=str(folder), text=t, progress=False))[0] for t in TEXTS]
