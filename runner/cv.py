@@ -20,6 +20,7 @@ from runner.data import Dataset
 from runner.errors import RunnerError
 from runner.experiment import FitResult, fit_and_evaluate
 from runner.features import FrozenFeatures
+from runner.report import run_report
 from runner.schema import CVConfig, Direction, KeepModels
 from runner.spec import Run
 from runner.tracking import Tracker
@@ -135,7 +136,13 @@ def run_fold(run: Run, i: int, split: tuple[np.ndarray, np.ndarray], data: Datas
     if accelerator.is_main_process:
         runfolder.record_run_id(workdir, child.run_id)
     with child.closing():
-        return fit_and_evaluate(run, fold_data, tokenizer, accelerator, child, workdir, frozen)
+        result = fit_and_evaluate(run, fold_data, tokenizer, accelerator, child, workdir, frozen)
+        if accelerator.is_main_process:  # the fold's own curves and confusion matrix, in its folder and run
+            metric = run.cfg.objective.metric
+            summary = {"objective": {"metric": metric, "value": result.metrics[metric]}}
+            for picture in run_report(workdir, child.metric_history(), summary, result.reports, metric):
+                child.log_artifact(picture, "report")
+        return result
 
 
 def write_fold_table(rows: list[dict], path: Path) -> None:

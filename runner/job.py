@@ -20,6 +20,7 @@ from runner.errors import RunnerError
 from runner.experiment import FitResult, fit_and_evaluate, job_features, resume_point, uses_frozen_features
 from runner.hardware import make_accelerator
 from runner.model import check_model, load_tokenizer, quiet_libraries
+from runner.report import run_report
 from runner.schema import DataConfig
 from runner.signals import STOP
 from runner.spec import Run
@@ -154,6 +155,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def write_outputs(run: Run, data: Dataset, summary: dict, out: Path, tracker: Tracker) -> None:
     """metrics.json (written last: it marks the run finished), report.json, labels.json, config.yaml."""
     reports = summary.pop("reports", {})
+    for picture in run_report(out, tracker.metric_history(), summary, reports, summary["objective"]["metric"]):
+        tracker.log_artifact(picture, "report")
     files = {
         "report.json": json.dumps(reports, indent=2),
         "labels.json": json.dumps(data.label_names),

@@ -90,10 +90,16 @@ class MLflowSweepCallback(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         table = write_summary(config, self.tracker.run_id)
         results = sweep_dir / "optimization_results.yaml"  # written by the Optuna sweeper
+        study = None
         if results.exists():
             self.tracker.log_artifact(results)
-            write_trials_table(config, sweep_dir / "trials.csv")
+            study = write_trials_table(config, sweep_dir / "trials.csv")
             self.tracker.log_artifact(sweep_dir / "trials.csv")
+        if table is not None and len(table):
+            from runner.report import sweep_report
+
+            for picture in sweep_report(sweep_dir, table, study):
+                self.tracker.log_artifact(picture, "report")
         if table is not None and len(table):
             shown = table[["job", "status", "value", "cv_std", "overrides"]]
             log.info("sweep summary (best first), %s:\n%s", sweep_dir / "summary.csv", shown.to_string(index=False))
@@ -168,9 +174,10 @@ def write_summary(config: DictConfig, parent_id: str):
     return table
 
 
-def write_trials_table(config: DictConfig, path: Path) -> None:
+def write_trials_table(config: DictConfig, path: Path):
     import optuna
 
     sweeper = config.hydra.sweeper
     study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage)
     study.trials_dataframe().to_csv(path, index=False)
+    return study

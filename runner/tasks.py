@@ -138,7 +138,7 @@ class Regress(Task):
         from runner.metrics import correlation_metrics
 
         [scores] = columns
-        return correlation_metrics(scores[:, 0], labels, split, mse=True), None
+        return correlation_metrics(scores[:, 0], labels, split, mse=True), scatter_points(scores[:, 0], labels, "predicted")
 
 
 class EmbeddingTask(Task):
@@ -166,7 +166,7 @@ class PairSimilarity(EmbeddingTask):
 
         a, b = columns
         sims = paired_similarity(torch.from_numpy(a), torch.from_numpy(b), self.cfg.similarity.value).numpy()
-        return correlation_metrics(sims, labels, split), None
+        return correlation_metrics(sims, labels, split), scatter_points(sims, labels, f"{self.cfg.similarity.value} similarity")
 
 
 class Retrieve(EmbeddingTask):
@@ -179,6 +179,12 @@ class Retrieve(EmbeddingTask):
         from runner.metrics import retrieval_metrics
 
         return retrieval_metrics(columns, text_ids, self.cfg.similarity.value, split), None
+
+
+def scatter_points(predicted: np.ndarray, true: np.ndarray, name: str) -> dict:
+    """What the predicted-vs-true picture of a split needs (runner/report.py)."""
+    return {"predicted": [round(float(x), 5) for x in predicted], "true": [round(float(x), 5) for x in true],
+            "predicted_name": name}
 
 
 def scale_scores(labels: np.ndarray | None, score_range) -> np.ndarray | None:

@@ -168,6 +168,7 @@ class Tracker:
         self.run_id: str | None = None
         self.logged: set[tuple[str, int]] = set()  # (metric, step) already in a continued run: not logged again
         self.params: set[str] = set()  # params already in a continued run (MLflow forbids changing them)
+        self.history: dict[str, list[tuple[int, float]]] = {}  # what this process logged (the report's curves)
 
     def start(self, run_name: str | None = None, tags: Mapping[str, str] | None = None, parent_id: str | None = None,
               resume_id: str | None = None):
@@ -241,12 +242,23 @@ class Tracker:
                  if v is not None and math.isfinite(v) and (k, step) not in self.logged]
         for mirror in self.mirrors:
             mirror.metrics({m.key: m.value for m in items}, step)
+        for m in items:
+            self.history.setdefault(m.key, []).append((step, m.value))
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
     def log_artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
         if self.run_id:
             self.client.log_artifact(self.run_id, str(path), folder)
+
+    def metric_history(self) -> dict[str, list[tuple[int, float]]]:
+        """Every metric over steps: from MLflow (a resumed run includes what earlier processes logged), or
+        what this process logged when tracking is off."""
+        if not self.run_id:
+            return {k: sorted(v) for k, v in self.history.items()}
+        run = self.client.get_run(self.run_id)
+        return {key: sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+                for key in run.data.metrics}
 
     def log_model(self, folder: Path, register: str | None = None) -> None:
         """The saved model folder as this run's pyfunc model (runner/mlflow_model.py)."""

@@ -105,6 +105,7 @@ def test_optuna_search_sweep_trials_folds_and_resume(sweep):
     assert values == pytest.approx(sorted(t.data.metrics["cv/val/accuracy_mean"] for t in trials))
     assert (sweep.dir / "first" / "optimization_results.yaml").exists()
     assert len(pd.read_csv(sweep.dir / "first" / "trials.csv")) == 2
+    check_reports(sweep.uri, sweep.dir / "first", parent, trials, kids)
 
     # a trial left RUNNING by a killed sweep (in Optuna and MLflow), then the same command, target 3 trials
     study.ask()
@@ -203,3 +204,31 @@ def test_parallel_trials_with_joblib_share_one_fresh_store(sweep):
     parents, kids = tree(sweep.uri)
     trial_runs = kids[parents[0].info.run_id]
     assert len(trial_runs) == 4 and all(len(kids[t.info.run_id]) == 2 for t in trial_runs)
+
+
+def picture(path) -> None:
+    """A real PNG with something drawn on it (not a blank canvas)."""
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image[..., :3].std() > 0.05, path
+
+
+def check_reports(uri, sweep_dir, parent, trials, kids) -> None:
+    """The k-fold sweep's pictures: in the sweep, trial and fold folders, and as artifacts of their runs."""
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    listed = lambda run_id: {f.path for f in client.list_artifacts(run_id, "report")}  # noqa: E731
+    for name in ("trials.png", "importances.png", "report.md"):
+        assert (sweep_dir / "report" / name).exists()
+    picture(sweep_dir / "report" / "trials.png")
+    assert {"report/trials.png", "report/importances.png"} <= listed(parent.info.run_id)
+    for trial in trials:
+        folder = sweep_dir / trial.data.tags["job_num"]
+        picture(folder / "report" / "folds.png")
+        assert "report/folds.png" in listed(trial.info.run_id)
+        for fold in kids[trial.info.run_id]:
+            fold_dir = folder / "folds" / f"fold-{fold.data.tags['fold']}" / "report"
+            picture(fold_dir / "curves.png")
+            picture(fold_dir / "confusion-val.png")
+            assert {"report/curves.png", "report/confusion-val.png"} <= listed(fold.info.run_id)
+
