@@ -4,8 +4,9 @@ a fresh virtualenv per session would re-download torch, and a loose torch spec p
     nox -s tests    the default suite (what CI runs), < 10 minutes on 2 cores
     nox -s slow     real models and data (../shared/data), sweeps: the issues' acceptance figures
     nox -s lint     ruff
-    nox -s bench    throughput and peak memory against the Hugging Face Trainer, and head_only k-fold against
-                    one SentenceTransformer.encode pass, side by side
+    nox -s bench    side by side, each contender its own process: fine-tuning against the Hugging Face Trainer,
+                    head_only k-fold and runner.predict against SentenceTransformer.encode, peak RSS of a
+                    1M-row file; writes benchmarks/results.json and the README's performance tables
 """
 
 import nox
@@ -33,3 +34,5 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_train.py", *session.posargs)
     session.run("python", "benchmarks/bench_head_only.py")
+    session.run("python", "benchmarks/bench_predict.py", "--backends", "torch,onnx")
+    session.run("python", "benchmarks/readme_table.py")  # the README's performance tables from results.json

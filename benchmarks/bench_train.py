@@ -19,8 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "sst2"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SHARED, store  # noqa: E402
+
+DATA = SHARED / "sst2"
 
 
 def load_rows(rows: int):
@@ -134,8 +136,8 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:<20} {r['seconds']:8.1f} {r['samples_per_s']:10.1f} {base / r['seconds']:18.2f}x "
               f"{r['peak_rss_mb']:12.0f} {r['accuracy']:8.4f}")
-    (ROOT / "outputs").mkdir(exist_ok=True)
-    (ROOT / "outputs" / f"bench_train_{args.precision}.json").write_text(json.dumps(results, indent=2))
+    store(f"train_{args.precision}", {"rows": args.rows, **{k: {m: round(v, 4) if isinstance(v, float) else v
+                                                                for m, v in r.items()} for k, r in results.items()}})
 
 
 if __name__ == "__main__":

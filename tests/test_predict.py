@@ -104,7 +104,9 @@ def test_cross_encoder_scores_come_back_in_the_original_range(make_run, tmp_path
     assert mse == pytest.approx(logged["test/mse"], abs=1e-5)
     check_evaluate(model, files["test"], logged, tmp_path, capsys)
     code, out_text, _ = run_tool(predict_main, [f"model_dir={model}", "text=the film was good", "text_pair=a movie was nice"], capsys)
-    assert code == 0 and set(json.loads(out_text)) == {"score"}
+    assert code == 0 and set(json.loads(out_text.splitlines()[-1])) == {"score"}
+    code, _, err = run_tool(predict_main, [f"model_dir={model}", "text=the film was good"], capsys)
+    assert code == 1 and "this model scores pairs of texts: give text=... and text_pair=..." in err
 
 
 def test_bi_encoder_similarities_and_embeddings(make_run, tmp_path, capsys):

@@ -1,0 +1,84 @@
+"""Write the README's performance tables from benchmarks/results.json (between the bench markers).
+
+    python benchmarks/readme_table.py      # nox -s bench runs it last
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, ROOT  # noqa: E402
+
+START, END = "<!-- bench:start (benchmarks/readme_table.py writes this part) -->", "<!-- bench:end -->"
+
+
+def train_table(section: dict) -> list[str]:
+    base = section["trainer (grouped)"]["seconds"]
+    rows = [f"Full fine-tuning, first {section['rows']:,} SST-2 rows, batch 32, 1 epoch, then one evaluation on "
+            f"dev ({section['machine']}):", "",
+            "| contender | seconds | samples/s | vs Trainer `group_by_length` | peak RSS | dev acc |", "|---|---|---|---|---|---|"]
+    for name, r in section.items():
+        if isinstance(r, dict):
+            rows.append(f"| {name} | {r['seconds']:.1f} | {r['samples_per_s']:.1f} | {base / r['seconds']:.2f}x | "
+                        f"{r['peak_rss_mb']:,.0f} MB | {r['accuracy']:.4f} |")
+    return rows
+
+
+def head_only_table(section: dict) -> list[str]:
+    st = section["st-encode"]
+    rows = [f"head_only k-fold, TREC train (5,452 questions), {section['folds']} folds x {section['epochs']} epochs "
+            f"({section['machine']}):", "", "| contender | seconds | vs one encode call | peak RSS | cv/val/accuracy_mean |",
+            "|---|---|---|---|---|",
+            f"| one `SentenceTransformer.encode` pass (whole process / encode call) | {st['seconds']} / {st['encode_seconds']} | 1.00x | "
+            f"{st['peak_rss_mb']:,} MB | |"]
+    for name in ("runner cold", "runner warm", "runner no cache"):
+        r = section[name]
+        rows.append(f"| {name} | {r['seconds']} | {r['vs_st_encode_call']:.2f}x | {r['peak_rss_mb']:,} MB | "
+                    f"{r['cv/val/accuracy_mean']:.4f} |")
+    rows += ["", f"Identical fold metrics with and without the cache: {section['identical_fold_metrics']}."]
+    return rows
+
+
+def predict_table(section: dict) -> list[str]:
+    st = section["sentence-transformers"]
+    rows = [f"Inference, {section['rows']:,} SST-2 sentences to JSONL with embeddings, whole process each "
+            f"({section['machine']}):", "", "| contender | seconds | sentences/s | speed-up | peak RSS | min cosine to ST |",
+            "|---|---|---|---|---|---|",
+            f"| `SentenceTransformer.encode` script | {st['seconds']} | {st['sentences_per_s']} | 1.00x | {st['peak_rss_mb']:,} MB | |"]
+    for name, r in section.items():
+        if name.startswith("runner.predict"):
+            rows.append(f"| `{name}` | {r['seconds']} | {r['sentences_per_s']} | {r['speedup_vs_sentence_transformers']:.2f}x | "
+                        f"{r['peak_rss_mb']:,} MB | {r['min_cosine_to_sentence_transformers']:.6f} |")
+    return rows
+
+
+def big_file_table(section: dict) -> list[str]:
+    return [f"A generated {section['rows']:,}-row csv ({section['file_mb']:,} MB), `mode=head_only train.max_steps=100`: "
+            f"peak RSS {section['peak_rss_mb']:,} MB, {section['seconds']} s ({section['machine']})."]
+
+
+TABLES = {"train_fp32": train_table, "train_bf16": train_table, "head_only": head_only_table, "predict": predict_table,
+          "big_file": big_file_table}
+
+
+def main() -> None:
+    results = json.loads(RESULTS.read_text())
+    parts = [START, ""]
+    for key, render in TABLES.items():
+        if key in results:
+            parts += [*render(results[key]), ""]
+    parts.append(END)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text:
+        raise SystemExit(f"README.md has no {START!r} marker")
+    before, rest = text.split(START, 1)
+    after = rest.split(END, 1)[1]
+    readme.write_text(before + "\n".join(parts) + after)
+
+
+if __name__ == "__main__":
+    main()
