@@ -35,4 +35,5 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_train.py", *session.posargs)
     session.run("python", "benchmarks/bench_head_only.py")
     session.run("python", "benchmarks/bench_predict.py", "--backends", "torch,onnx")
+    session.run("python", "benchmarks/bench_big_file.py")
     session.run("python", "benchmarks/readme_table.py")  # the README's performance tables from results.json

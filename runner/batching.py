@@ -25,6 +25,10 @@ class Encoded(torch.utils.data.Dataset):
 
     def __init__(self, tokenizer, columns: Sequence[Sequence[str]], labels, max_length: int,
                  prefix: str = "", joint: bool = False):
+        self.labels = None if labels is None else torch.as_tensor(labels)
+        if any(hasattr(col, "take") for col in columns):  # texts on disk (runner.streaming): tokenized per batch
+            self.lazy(tokenizer, columns, max_length, prefix, joint)
+            return
         prefixed = [[prefix + t for t in col] for col in columns]
         if joint:
             encodings = [tokenizer(prefixed[0], prefixed[1], truncation=True, max_length=max_length)]
@@ -32,10 +36,28 @@ class Encoded(torch.utils.data.Dataset):
             encodings = [tokenizer(col, truncation=True, max_length=max_length) for col in prefixed]
         self.input_ids: list[list[list[int]]] = [e["input_ids"] for e in encodings]
         self.token_type_ids = [e.get("token_type_ids") for e in encodings]
-        self.labels = None if labels is None else torch.as_tensor(labels)
         self.lengths = np.max([[len(ids) for ids in col] for col in self.input_ids], axis=0)
         vocabulary: dict[str, int] = {}
         self.text_ids = torch.as_tensor([[vocabulary.setdefault(t, len(vocabulary)) for t in col] for col in columns])
+
+    def lazy(self, tokenizer, columns, max_length: int, prefix: str, joint: bool) -> None:
+        """Token lengths of every row (one pass in chunks: the same length grouping as in memory) and token
+        ids on demand; text ids from hashes."""
+        from runner.streaming import text_ids
+
+        groups = [list(columns)] if joint else [[col] for col in columns]
+        self.input_ids = [LazyTokens(tokenizer, g, max_length, prefix, "input_ids") for g in groups]
+        probe = tokenizer(*(["x"] * len(groups[0])))
+        self.token_type_ids = [LazyTokens(tokenizer, g, max_length, prefix, "token_type_ids") if "token_type_ids" in probe
+                               else None for g in groups]
+        lengths = []
+        for group in groups:
+            chunks = zip(*(col.chunks() for col in group))
+            lengths.append(np.concatenate([[len(ids) for ids in tokenizer(*([prefix + t for t in c] for c in chunk), truncation=True,
+                                                                          max_length=max_length)["input_ids"]]
+                                           for chunk in chunks]))
+        self.lengths = np.max(lengths, axis=0)
+        self.text_ids = torch.as_tensor(np.stack([text_ids(col) for col in columns]))
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -45,6 +67,20 @@ class Encoded(torch.utils.data.Dataset):
 
     def collator(self, tokenizer) -> Collator:
         return Collator(self, tokenizer.pad_token_id, tokenizer.padding_side)
+
+
+class LazyTokens(Sequence):
+    """Token ids (or token type ids) of row ``i`` of texts on disk, tokenized when the loader asks."""
+
+    def __init__(self, tokenizer, columns: list, max_length: int, prefix: str, field: str) -> None:
+        self.tokenizer, self.columns, self.max_length, self.prefix, self.field = tokenizer, columns, max_length, prefix, field
+
+    def __len__(self) -> int:
+        return len(self.columns[0])
+
+    def __getitem__(self, i: int) -> list[int]:
+        texts = [self.prefix + col[i] for col in self.columns]
+        return self.tokenizer(*texts, truncation=True, max_length=self.max_length)[self.field]
 
 
 class FrozenSplit(torch.utils.data.Dataset):

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import ListConfig
 
+from runner import streaming
 from runner.errors import DataError
 from runner.schema import DataConfig, DataType
 
@@ -59,7 +60,13 @@ class TextSplit:
     def subset(self, index: np.ndarray) -> TextSplit:
         labels = None if self.labels is None else self.labels[index]
         vectors = None if self.vectors is None else self.vectors[index]
-        return TextSplit([[col[i] for i in index] for col in self.columns], labels, vectors)
+        columns = [col.take(index) if hasattr(col, "take") else [col[i] for i in index] for col in self.columns]
+        return TextSplit(columns, labels, vectors)
+
+    @property
+    def streamed(self) -> bool:
+        """Texts that stay on disk (runner.streaming): tokenized in the loader, no frozen-feature cache."""
+        return any(hasattr(col, "take") for col in self.columns)
 
 
 @dataclass
@@ -100,7 +107,7 @@ def load_dataset(cfg: DataConfig, target: str = "class", need_validation: bool =
     frames = read_splits(cfg, fields, label, raw, need_validation)
     train = frames["train"]
     if cfg.max_train_samples:
-        train = train.iloc[: cfg.max_train_samples]
+        train = train.head(cfg.max_train_samples)
     validation, test = frames.get("validation"), frames.get("test")
 
     label_names = label_map(train["label"], target, cfg.label_separator) if target in ("class", "multi_label") else []
@@ -177,6 +184,8 @@ def split_by_column(cfg: DataConfig, fields: list, label, raw: list, need_valida
         raise DataError(f"data.split_field takes every split from data.train's file; unset data.{clash[0]} "
                         f"(data.{clash[0]}=null) or drop data.split_field")
     frame, where = read_source(cfg, "train")
+    if isinstance(frame, streaming.ArrowFrame):
+        raise DataError("data.split_field reads the file in memory: set data.streaming=false (or split the file)")
     cells = frame[resolve_column(cfg, frame, cfg.split_field, "split_field", where)].map(lambda v: str(v).strip())
     wanted = {split: str(value).strip() for split, value in values.items()}
     out, counts = {}, []
@@ -205,6 +214,8 @@ def read_source(cfg: DataConfig, split: str) -> tuple[pd.DataFrame, str]:
 def select(cfg: DataConfig, frame: pd.DataFrame, where: str, fields: list, label, raw: list) -> pd.DataFrame:
     """Checked ``text0..`` (strings; several columns joined by data.text_join), ``label`` and ``embedding``
     columns. A blank text or label is an error that names its row and column."""
+    if isinstance(frame, streaming.ArrowFrame):
+        return streaming.select_arrow(cfg, frame, where, fields, label, raw)
     out = {}
     keys = FIELD_KEYS[cfg.type].split("/") if cfg.type == DataType.triplet else [FIELD_KEYS[cfg.type]] * len(fields)
     for i, (spec, key) in enumerate(zip(fields, keys)):
@@ -335,6 +346,9 @@ def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
     if cfg.bad_lines not in ("error", "skip", "truncate"):
         raise DataError(f"data.bad_lines={cfg.bad_lines!r} is not one of error, skip, truncate")
     encoding = "utf-8-sig" if cfg.encoding.lower().replace("_", "-") in ("utf-8", "utf8") else cfg.encoding  # a BOM is not text
+    if streaming.should_stream(cfg, path):
+        sep = delimiter(cfg, fmt, path, encoding) if fmt in ("csv", "tsv", "delimited") else None
+        return streaming.ArrowFrame(streaming.arrow_table(path, cfg, fmt, sep, encoding))
     try:
         if fmt == "parquet":
             frame = pd.read_parquet(path)

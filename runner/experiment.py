@@ -145,7 +145,8 @@ def dataset_of(run: Run, split, tokenizer, frozen: FrozenFeatures | None):
 def uses_frozen_features(run: Run, data: Dataset) -> bool:
     """head_only runs its encoder once per text, unless a distillation teacher needs the tokens (or the
     data brings its embeddings)."""
-    return run.mode.frozen_encoder and not run.cfg.distill.teacher and data.train.vectors is None
+    # texts on disk (runner.streaming) are not all encoded up front: the encoder runs on the batches used
+    return run.mode.frozen_encoder and not run.cfg.distill.teacher and data.train.vectors is None and not data.train.streamed
 
 
 def job_features(run: Run, data: Dataset, tokenizer, accelerator) -> FrozenFeatures:

@@ -254,6 +254,10 @@ class DataConfig:
     quoting: str = "minimal"  # minimal, all, nonnumeric, none (Python csv module)
     encoding: str = "utf-8"
     max_train_samples: int | None = None
+    # Texts that stay on disk (memory-mapped Arrow, tokenized in the loader): true, false, or null = for files
+    # above streaming_above_mb (runner/streaming.py)
+    streaming: bool | None = None
+    streaming_above_mb: int = 32
     validation_split: float = 0.1  # used only when there is no validation set
     seed: int = 42
 
