@@ -62,6 +62,17 @@ def make_sentences(n: int, seed: int, labels=("pos", "neg")) -> list[tuple[str, 
     return rows
 
 
+def multi_label_rows(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """Texts tagged pos, neg or both ("pos,neg"): the tags are the sentiment words in them."""
+    out = []
+    for _ in range(n):
+        tags = rng.choice([["pos"], ["neg"], ["pos", "neg"]])
+        words = [rng.choice(POSITIVE if t == "pos" else NEGATIVE) for t in tags] + ["the", "film"]
+        rng.shuffle(words)
+        out.append((" ".join(words), ",".join(tags)))
+    return out
+
+
 def write_csv(path: Path, rows, header=("text", "label")) -> Path:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)

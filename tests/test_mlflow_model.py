@@ -54,6 +54,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(url: str, seconds: float = 60) -> None:
+    """Until a server started in the background answers ``url``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in {seconds} s")
+
+
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_like_runner_predict(logged_model):
     run, run_id = logged_model
@@ -63,12 +75,7 @@ def test_mlflow_models_serve_answers_like_runner_predict(logged_model):
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_for(f"http://127.0.0.1:{port}/ping")
         body = json.dumps({"dataframe_records": [{"text": t} for t in TEXTS]}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                          headers={"Content-Type": "application/json"})

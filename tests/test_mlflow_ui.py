@@ -7,14 +7,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 
 import mlflow
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_mlflow_model import free_port
+from tests.test_mlflow_model import free_port, wait_for
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -42,12 +40,7 @@ def test_the_sweep_parent_its_trials_and_its_pictures_in_the_mlflow_ui(tmp_path,
                                "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+        wait_for(f"http://127.0.0.1:{port}/health")
         with playwright.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1600, "height": 1000})

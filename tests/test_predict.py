@@ -16,7 +16,7 @@ from runner import job
 from runner.evaluate import main as evaluate_main
 from runner.metrics import classification_metrics, correlation_metrics, multilabel_metrics
 from runner.predict import main as predict_main
-from tests.conftest import NEGATIVE, POSITIVE, triplet_sentence, write_csv
+from tests.conftest import multi_label_rows, triplet_sentence, write_csv
 
 
 def run_tool(main, args: list[str], capsys) -> tuple[int, str, str]:
@@ -129,17 +129,8 @@ def test_bi_encoder_similarities_and_embeddings(make_run, tmp_path, capsys):
 
 def test_multi_label_predictions_use_the_saved_threshold(make_run, tmp_path, capsys):
     rng = random.Random(0)
-
-    def rows(n):
-        out = []
-        for _ in range(n):
-            tags = rng.choice([["pos"], ["neg"], ["pos", "neg"]])
-            words = [rng.choice(POSITIVE if t == "pos" else NEGATIVE) for t in tags] + ["the", "film"]
-            rng.shuffle(words)
-            out.append((" ".join(words), ",".join(tags)))
-        return out
-
-    train, dev, test = (write_csv(tmp_path / f"{n}.csv", rows(k)) for n, k in (("ml", 96), ("ml_dev", 30), ("ml_test", 30)))
+    train, dev, test = (write_csv(tmp_path / f"{n}.csv", multi_label_rows(rng, k))
+                        for n, k in (("ml", 96), ("ml_dev", 30), ("ml_test", 30)))
     model, logged = trained(make_run, "data=csv", f"data.train={train}", f"data.validation={dev}", f"data.test={test}",
                             "task.multi_label=true", "task.threshold=0.4", "objective.metric=val/f1_micro",
                             "train.lr=1e-2", "train.epochs=4")

@@ -13,7 +13,7 @@ import torch
 from runner import artifact, job
 from runner.errors import RunnerError
 from runner.metrics import correlation_metrics, multilabel_metrics, retrieval_metrics
-from tests.conftest import NEGATIVE, POSITIVE, make_sentences, triplet_sentence, write_csv, write_triplets
+from tests.conftest import make_sentences, multi_label_rows, triplet_sentence, write_csv, write_triplets
 
 sentence = triplet_sentence
 
@@ -115,15 +115,8 @@ def test_triplet_losses_train_and_report_retrieval(make_run, triplet_files, loss
 
 def test_multi_label_trains_and_reports_micro_and_macro_f1(make_run, tmp_path):
     rng = random.Random(0)
-    def rows(n):
-        out = []
-        for _ in range(n):
-            tags = rng.choice([["pos"], ["neg"], ["pos", "neg"]])
-            words = [rng.choice(POSITIVE if t == "pos" else NEGATIVE) for t in tags] + ["the", "film"]
-            rng.shuffle(words)
-            out.append((" ".join(words), ",".join(tags)))
-        return out
-    train, dev = write_csv(tmp_path / "ml.csv", rows(96)), write_csv(tmp_path / "ml_dev.csv", rows(30))
+    train = write_csv(tmp_path / "ml.csv", multi_label_rows(rng, 96))
+    dev = write_csv(tmp_path / "ml_dev.csv", multi_label_rows(rng, 30))
     run = make_run("data=csv", f"data.train={train}", f"data.validation={dev}", "data.test=null",
                    "task.multi_label=true", "objective.metric=val/f1_micro", "train.lr=1e-2", "train.epochs=8")
     value = job.execute(run)
