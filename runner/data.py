@@ -215,7 +215,7 @@ def select(cfg: DataConfig, frame: pd.DataFrame, where: str, fields: list, label
     """Checked ``text0..`` (strings; several columns joined by data.text_join), ``label`` and ``embedding``
     columns. A blank text or label is an error that names its row and column."""
     if isinstance(frame, streaming.ArrowFrame):
-        return streaming.select_arrow(cfg, frame, where, fields, label, raw)
+        return select_arrow(cfg, frame, where, fields, label, raw)
     out = {}
     keys = FIELD_KEYS[cfg.type].split("/") if cfg.type == DataType.triplet else [FIELD_KEYS[cfg.type]] * len(fields)
     for i, (spec, key) in enumerate(zip(fields, keys)):
@@ -234,6 +234,29 @@ def select(cfg: DataConfig, frame: pd.DataFrame, where: str, fields: list, label
     for column in raw:
         out["embedding"] = checked(frame[resolve_column(cfg, frame, column, "embedding_field", where)], column, where)
     return pd.DataFrame(out).reset_index(drop=True)
+
+
+def select_arrow(cfg: DataConfig, frame: streaming.ArrowFrame, where: str, fields: list, label, raw: list) -> streaming.ArrowSelected:
+    """What runner.data.select gives for a mapped table: lazy texts, checked column-wise."""
+    if raw:
+        raise DataError("given embeddings (data.embedding_field) are read in memory: set data.streaming=false")
+    names = pd.DataFrame(columns=frame.columns)  # resolve_column needs only the names
+    texts = []
+    for spec in fields:
+        specs = list(spec) if isinstance(spec, (list, tuple, ListConfig)) else [spec]
+        columns = [resolve_column(cfg, names, s, FIELD_KEYS[cfg.type], where) for s in specs]
+        bad = streaming.blank_rows(frame[columns[0]]) if len(columns) == 1 else []  # joined parts may be empty
+        if len(bad):
+            raise DataError(f"{where}: row {row_number(int(bad[0]), where)}, column {columns[0]!r} is empty")
+        texts.append(streaming.ArrowText([frame[c] for c in columns], separator=cfg.text_join))
+    label_column = None
+    if label is not None:
+        name = resolve_column(cfg, names, label, "label_field", where)
+        bad = streaming.blank_rows(frame[name])
+        if len(bad):
+            raise DataError(f"{where}: row {row_number(int(bad[0]), where)}, column {name!r} is empty")
+        label_column = frame[name]
+    return streaming.ArrowSelected(texts, label_column)
 
 
 def joined(parts: list[pd.Series], separator: str) -> pd.Series:
@@ -348,7 +371,7 @@ def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
     encoding = "utf-8-sig" if cfg.encoding.lower().replace("_", "-") in ("utf-8", "utf8") else cfg.encoding  # a BOM is not text
     if streaming.should_stream(cfg, path):
         sep = delimiter(cfg, fmt, path, encoding) if fmt in ("csv", "tsv", "delimited") else None
-        return streaming.ArrowFrame(streaming.arrow_table(path, cfg, fmt, sep, encoding))
+        return streaming.ArrowFrame(streaming.arrow_table(path, cfg, fmt, sep, encoding, QUOTING[cfg.quoting]))
     try:
         if fmt == "parquet":
             frame = pd.read_parquet(path)

@@ -90,7 +90,10 @@ def train_and_report(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
             artifact.save_trained(run, result.model, tokenizer, data.label_names, out / "model", result.metrics)
     if accelerator.is_main_process:
         if cfg.save_model and cfg.tracking.log_model and (out / "model" / "runner_model.json").exists():
-            tracker.log_model(out / "model", cfg.tracking.register)
+            if tracker.run_id:
+                from runner.mlflow_model import log_pyfunc
+
+                log_pyfunc(tracker.client, tracker.run_id, out / "model", cfg.tracking.register)
         write_outputs(run, data, summary, out, tracker)
     objective = summary["objective"]["value"]
     log.info("objective %s = %.4f", summary["objective"]["metric"], objective)

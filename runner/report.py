@@ -96,7 +96,7 @@ def folds(rows: list[dict], metric: str, path: Path) -> Path:
 def run_report(out: Path, history: dict, summary: dict, reports: dict, objective: str) -> list[Path]:
     """The pictures of one job, and report.md; returns the files written."""
     folder = out / "report"
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)  # a fold's folder may not exist yet (no checkpoint written)
     files = [curves(history, objective.removeprefix("cv/").removesuffix("_mean"), folder / "curves.png")]
     for split, report in (reports or {}).items():
         if split.startswith("fold-") or not report:

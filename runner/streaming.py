@@ -56,7 +56,7 @@ def should_stream(cfg, path: str) -> bool:
     return os.path.isfile(path) and os.path.getsize(path) > cfg.streaming_above_mb * 2**20
 
 
-def arrow_table(path: str, cfg, fmt: str, sep: str | None, encoding: str):
+def arrow_table(path: str, cfg, fmt: str, sep: str | None, encoding: str, quoting: int):
     """The file as a memory-mapped Arrow table (converted once; ``datasets`` caches it by file and options)."""
     import datasets
     import pandas as pd
@@ -64,9 +64,7 @@ def arrow_table(path: str, cfg, fmt: str, sep: str | None, encoding: str):
     cache = Path(cfg_cache_dir()) / "arrow"
     datasets.disable_progress_bars()
     if fmt in ("csv", "tsv", "delimited"):
-        from runner.data import QUOTING
-
-        first = pd.read_csv(path, sep=sep, quoting=QUOTING[cfg.quoting], encoding=encoding, dtype=str, header=None,
+        first = pd.read_csv(path, sep=sep, quoting=quoting, encoding=encoding, dtype=str, header=None,
                             nrows=1, keep_default_na=False)
         width = first.shape[1]
         names = list(cfg.columns) if cfg.columns else ([str(c) for c in first.iloc[0]] if cfg.header else list(range(width)))
@@ -74,7 +72,7 @@ def arrow_table(path: str, cfg, fmt: str, sep: str | None, encoding: str):
             raise DataError(f"{path}: data.columns names {len(names)} columns but the file has {width}")
         features = datasets.Features({str(n): datasets.Value("string") for n in names})
         table = datasets.load_dataset("csv", data_files=path, split="train", cache_dir=str(cache), sep=sep,
-                                      quoting=QUOTING[cfg.quoting], encoding=encoding, header=None,
+                                      quoting=quoting, encoding=encoding, header=None,
                                       skiprows=1 if cfg.header else 0, names=[str(n) for n in names],
                                       keep_default_na=False, na_values=[], features=features)
     else:
@@ -149,33 +147,3 @@ class LabelColumn:
 
     def tolist(self):
         return self.texts if self.texts is not None else self.column.to_pylist()
-
-
-def select_arrow(cfg, frame: ArrowFrame, where: str, fields: list, label, raw: list) -> ArrowSelected:
-    """What runner.data.select gives for a mapped table: lazy texts, checked column-wise."""
-    from omegaconf import ListConfig
-
-    from runner.data import FIELD_KEYS, resolve_column, row_number
-
-    if raw:
-        raise DataError("given embeddings (data.embedding_field) are read in memory: set data.streaming=false")
-    import pandas as pd
-
-    names = pd.DataFrame(columns=frame.columns)  # resolve_column needs only the names
-    texts = []
-    for spec in fields:
-        specs = list(spec) if isinstance(spec, (list, tuple, ListConfig)) else [spec]
-        columns = [resolve_column(cfg, names, s, FIELD_KEYS[cfg.type], where) for s in specs]
-        for column in columns[:1] if len(columns) == 1 else []:
-            bad = blank_rows(frame[column])
-            if len(bad):
-                raise DataError(f"{where}: row {row_number(int(bad[0]), where)}, column {column!r} is empty")
-        texts.append(ArrowText([frame[c] for c in columns], separator=cfg.text_join))
-    label_column = None
-    if label is not None:
-        name = resolve_column(cfg, names, label, "label_field", where)
-        bad = blank_rows(frame[name])
-        if len(bad):
-            raise DataError(f"{where}: row {row_number(int(bad[0]), where)}, column {name!r} is empty")
-        label_column = frame[name]
-    return ArrowSelected(texts, label_column)

@@ -260,13 +260,6 @@ class Tracker:
         return {key: sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
                 for key in run.data.metrics}
 
-    def log_model(self, folder: Path, register: str | None = None) -> None:
-        """The saved model folder as this run's pyfunc model (runner/mlflow_model.py)."""
-        if self.run_id:
-            from runner.mlflow_model import log_pyfunc
-
-            log_pyfunc(self.client, self.run_id, folder, register)
-
     @contextlib.contextmanager
     def closing(self):
         """End the run as the block ends: FINISHED, KILLED (a signal, Ctrl-C) or FAILED with the error."""

@@ -163,3 +163,18 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         code = stop.code if isinstance(stop.code, int) else 1
     captured = capsys.readouterr()
     return code, captured.out + captured.err
+
+
+@pytest.fixture(autouse=True)
+def drop_stale_log_handlers():
+    """An in-process Hydra run leaves its console handler on the root logger, writing to the stream that
+    pytest captured for that test; later log lines would hit a closed stream. Drop them after each test."""
+    yield
+    import logging
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if type(handler) in (logging.StreamHandler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+
