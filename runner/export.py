@@ -7,7 +7,8 @@
 batch and sequence axes. Inputs ``input_ids``, ``attention_mask`` (and ``token_type_ids`` where the
 encoder has them); outputs ``logits`` (a head model: class logits, or the score of a regressor) and
 ``embedding`` (the pooled vector). The tokenizer (``tokenizer.json``) and ``runner_model.json`` go beside
-it, so ``runner.predict backend=onnx`` (or any onnxruntime user) needs no PyTorch model code. LoRA is
+it, so ``runner.predict backend=onnx`` (runner/onnx_model.py, or any onnxruntime user) needs no PyTorch
+model code. LoRA is
 merged first. ``quantize=int8`` adds ``model.int8.onnx`` (dynamic int8 quantization of the matmuls).
 The export traces padded examples in a batch of several texts, so a mask bug cannot hide.
 
@@ -109,29 +110,6 @@ def check(graph: Graph, path: Path, batch, names: list[str]) -> None:
     worst = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want))
     if worst > 1e-4:
         raise RunnerError(f"the exported graph differs from PyTorch by {worst:.2e} on the export batch: not usable")
-
-
-class OnnxModel:
-    """``runner.predict backend=onnx``: the exported graph behind the Predictor's forward."""
-
-    def __init__(self, folder: Path, file: str = "model.onnx") -> None:  # or model.int8.onnx
-        import onnxruntime
-
-        path = folder / "onnx" / file
-        if not path.exists():
-            raise RunnerError(f"{path} does not exist: run python -m runner.export model_dir={folder} format=onnx first")
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def run(self, features: dict) -> dict[str, torch.Tensor]:
-        values = self.session.run(None, {n: features[n].numpy() for n in self.inputs})
-        return {name: torch.from_numpy(v) for name, v in zip(self.outputs, values)}
-
-    def forward(self, features: list[dict], want_columns: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-        first = self.run(features[0])
-        pooled = [first["embedding"], *(self.run(f)["embedding"] for f in features[1:])] if want_columns else []
-        return first.get("logits"), pooled
 
 
 def export_merged(folder: Path, out: Path) -> Path:

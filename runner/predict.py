@@ -144,7 +144,7 @@ class Predictor:
         if backend.startswith("onnx"):  # the exported graph and its tokenizer: no PyTorch model is built
             from transformers import AutoTokenizer
 
-            from runner.export import OnnxModel
+            from runner.onnx_model import OnnxModel
 
             self.onnx = OnnxModel(folder, "model.int8.onnx" if backend == "onnx-int8" else "model.onnx")
             self.meta = json.loads((folder / "onnx" / "runner_model.json").read_text())

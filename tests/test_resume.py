@@ -292,6 +292,7 @@ def test_a_signal_outside_the_training_loop_stops_at_once():
     assert stop.value.exit_code == 130
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes on 2 cores
 def test_three_runs_started_at_once_on_a_fresh_outputs_folder_all_finish(tmp_path):
     """The first runs on a new SQLite MLflow store take turns creating it (no 'duplicate column name')."""
     from tests.conftest import make_sentences, write_csv

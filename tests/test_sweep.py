@@ -180,6 +180,7 @@ hydra:
 """
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes on 2 cores
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(sweep):
     """A search space with an invalid value: trials that draw it fail, the search completes the others."""
     storage = f"sqlite:///{sweep.dir / 'optuna.db'}"
@@ -195,6 +196,7 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(sweep):
     assert statuses == sorted("FAILED" if t.state.name == "FAIL" else "FINISHED" for t in trials)
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes on 2 cores
 def test_parallel_trials_with_joblib_share_one_fresh_store(sweep):
     storage = f"sqlite:///{sweep.dir / 'optuna.db'}"
     out = sweep(*optuna_args(storage, 4, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"))
