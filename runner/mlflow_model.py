@@ -45,6 +45,13 @@ class RunnerModel(mlflow.pyfunc.PythonModel):
         return self.predictor.records(outputs, params.get("top_k"))
 
 
+def requirements() -> list[str]:
+    """What the model needs besides the runner itself (installed from its source: it is not on PyPI)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("torch", "transformers", "peft", "safetensors", "mlflow", "pandas")]
+
+
 def log_pyfunc(client, run_id: str, folder: Path, register: str | None = None) -> None:
     """Save the pyfunc flavour of ``folder`` and log it as the run's ``model/`` artifact (optionally registered)."""
     import mlflow
@@ -63,8 +70,9 @@ def log_pyfunc(client, run_id: str, folder: Path, register: str | None = None) -
     signature = ModelSignature(inputs=Schema(columns), params=params)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model"
+        # requirements given, not inferred: inference loads the model in a subprocess (about 8 s a job)
         mlflow.pyfunc.save_model(path, python_model=RunnerModel(), artifacts={"runner_model": str(folder)},
-                                 signature=signature, input_example=example)
+                                 signature=signature, input_example=example, pip_requirements=requirements())
         client.log_artifacts(run_id, str(path), "model")
     if register:
         from mlflow.exceptions import MlflowException
