@@ -16,16 +16,14 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED, store, timed  # noqa: E402
+from common import ROOT, shared_file, store, timed  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
     args = parser.parse_args()
-    source = SHARED / "sst2" / "train.csv"
-    if not source.exists():
-        raise SystemExit(f"{source} is absent: this benchmark needs ../shared/data beside the checkout")
+    source = shared_file("sst2", "train.csv")
     import numpy as np
     import pandas as pd
 

@@ -23,9 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED, store, timed  # noqa: E402
-
-DATA = SHARED / "trec"
+from common import ROOT, shared_file, store, timed  # noqa: E402
 
 ST_SCRIPT = """
 import time, pandas as pd
@@ -45,9 +43,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
-    if not DATA.exists():
-        raise SystemExit(f"{DATA} is absent: this benchmark needs ../shared/data beside the checkout")
-    train = DATA / "train.csv"
+    train = shared_file("trec", "train.csv")
     work = Path(tempfile.mkdtemp(prefix="bench-head-only-"))
     results = {}
     seconds, peak, out = timed([sys.executable, "-c", ST_SCRIPT.format(train=train)], work)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED, store, timed  # noqa: E402
+from common import ROOT, shared_file, store, timed  # noqa: E402
 
 ST_SCRIPT = """
 import json, sys, pandas as pd
@@ -44,9 +44,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=10000)
     parser.add_argument("--backends", default="torch", help="runner backends to time, e.g. torch,onnx")
     args = parser.parse_args()
-    data = SHARED / "sst2" / "train.csv"
-    if not data.exists():
-        raise SystemExit(f"{data} is absent: this benchmark needs ../shared/data beside the checkout")
+    data = shared_file("sst2", "train.csv")
     import pandas as pd
 
     work = Path(tempfile.mkdtemp(prefix="bench-predict-"))

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED, store  # noqa: E402
+from common import SHARED, shared_file, store  # noqa: E402
 
 DATA = SHARED / "sst2"
 
@@ -126,8 +126,7 @@ def main() -> None:
         args.grouped = args.grouped == "true"
         print(json.dumps((child_runner if args.child == "runner" else child_trainer)(args)))
         return
-    if not DATA.exists():
-        raise SystemExit(f"{DATA} is absent: the benchmark needs ../shared/data beside the checkout")
+    shared_file("sst2", "train.csv")
     contenders = [("runner", True), ("trainer", True), ("runner", False), ("trainer", False)]
     results = {f"{n} ({'grouped' if g else 'random'})": run_child(n, g, args) for n, g in contenders}
     base = results["trainer (grouped)"]["seconds"]

@@ -14,6 +14,14 @@ SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results.json"
 
 
+def shared_file(*parts: str) -> Path:
+    """A file of ../shared/data; the benchmark stops with why when the folder is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        raise SystemExit(f"{path} is absent: this benchmark needs ../shared/data beside the checkout")
+    return path
+
+
 def timed(args: list[str], cwd: Path, env: dict | None = None) -> tuple[float, float, str]:
     """(wall seconds, peak RSS in MB, stdout) of a child process (peak RSS from GNU time)."""
     tic = time.perf_counter()
