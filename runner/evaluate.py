@@ -43,10 +43,9 @@ def training_config(folder: Path) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else {}
 
 
-def labelled_inputs(folder: Path, meta: dict, trained: dict, overrides: dict):
-    """(inputs, encoded targets, text ids) of the labelled file, targets encoded with the saved label map."""
-    import numpy as np
-
+def labelled_inputs(folder: Path, meta: dict, trained: dict, overrides: dict, target: str):
+    """(inputs, targets) of the labelled file: text columns (or vectors), targets encoded with the saved
+    label map as ``target`` (the task's: class, score, multi_label or none)."""
     from runner.data import encode_targets, read_source, read_vectors, select, text_fields
 
     overrides = dict(overrides)
@@ -54,28 +53,18 @@ def labelled_inputs(folder: Path, meta: dict, trained: dict, overrides: dict):
     if not test:
         raise RunnerError("data.test=FILE is required: the labelled file to evaluate on")
     data = reading_config(folder, meta, str(test), overrides)
-    if meta.get("data_type") == "triplet":  # reading_config makes it one text per row: restore the triplet
-        from runner.schema import DataType
-
-        data.type = DataType.triplet
     frame, where = read_source(data, "train")
-    target = {"Regress": "score", "PairSimilarity": "score", "Retrieve": "none", "MultiLabel": "multi_label"}.get(
-        meta.get("task"), "class")
     label = None if target == "none" else data.label_field
     vector_input = meta.get("input") == "embeddings"
     fields = [] if vector_input else text_fields(data)
     frame = select(data, frame, where, fields, label, [data.embedding_field] if vector_input else [])
-    codes = saved_codes(meta, trained)
     try:
-        targets = None if label is None else encode_targets(frame["label"], target, codes, "train", data)
+        targets = None if label is None else encode_targets(frame["label"], target, saved_codes(meta, trained), "train", data)
     except DataError as err:
         raise DataError(f"{err} (labels are read against the model's label map)") from err
     if vector_input:
-        return read_vectors(data, frame, "train"), targets, None
-    columns = [frame[f"text{i}"].tolist() for i in range(len(fields))]
-    vocabulary: dict[str, int] = {}
-    text_ids = np.asarray([[vocabulary.setdefault(t, len(vocabulary)) for t in col] for col in columns])
-    return columns, targets, text_ids
+        return read_vectors(data, frame, "train"), targets
+    return [frame[f"text{i}"].tolist() for i in range(len(fields))], targets
 
 
 def saved_codes(meta: dict, trained: dict) -> list:
@@ -90,6 +79,8 @@ def saved_codes(meta: dict, trained: dict) -> list:
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
+    from omegaconf import OmegaConf
+
     from runner.artifact import read_meta
     from runner.schema import DataType, TaskConfig
     from runner.tasks import make_task
@@ -97,17 +88,16 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     folder = resolve_model_dir(cfg.model_dir, cfg.tracking_uri)
     meta = read_meta(folder)
     trained = training_config(folder)
-    inputs, targets, text_ids = labelled_inputs(folder, meta, trained, cfg.data)
-    from omegaconf import OmegaConf
-
     task_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig), trained.get("task") or {}))
     task = make_task(DataType(meta.get("data_type", "single")), task_cfg)
+    inputs, targets = labelled_inputs(folder, meta, trained, cfg.data, task.target)
     train = trained.get("train") or {}
     batch_size = cfg.batch_size or train.get("eval_batch_size") or 2 * train.get("batch_size", 32)
     predictor = Predictor(folder)
     outputs = predictor.run(inputs, batch_size, cfg.progress, embeddings=not task.has_head)
     columns = [outputs["head"]] if task.has_head else outputs["columns"]
-    metrics, report = task.score(columns, task.scale_targets(targets), cfg.split, meta.get("labels") or [], text_ids)
+    metrics, report = task.score(columns, task.scale_targets(targets), cfg.split, meta.get("labels") or [],
+                                 outputs["text_ids"])
     return {"metrics": metrics, "report": report, "model_dir": str(folder), "rows": len(columns[0])}
 
 

@@ -89,22 +89,19 @@ def reading_config(folder: Path, meta: dict, input_path: str, overrides: dict):
     """The training run's data reading options (its config.yaml), the input as the file, user overrides."""
     from omegaconf import OmegaConf
 
-    from runner.schema import DataConfig, DataType
+    from runner.schema import DataConfig
 
     saved = OmegaConf.load(folder / "config.yaml").get("data", {}) if (folder / "config.yaml").exists() else {}
     keep = {k: v for k, v in OmegaConf.to_container(saved).items()
             if k not in ("train", "validation", "test", "hub", "split_field", "split_values", "max_train_samples",
                          "train_embeddings", "validation_embeddings", "test_embeddings", "label_names")}
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), keep, overrides, {"train": input_path})
-    data = OmegaConf.to_object(cfg)
-    if meta.get("data_type") == "triplet":  # an embedding model: one text per row
-        data.type = DataType.single
-    return data
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), keep, overrides, {"train": input_path}))
 
 
 def read_inputs(folder: Path, meta: dict, cfg: PredictConfig) -> list[list[str]] | np.ndarray:
     """The text columns of the input (one, or two for pair models), or its vectors (given-embedding models)."""
     from runner.data import read_source, read_vectors, select, text_fields
+    from runner.schema import DataType
 
     pair = meta.get("data_type") == "pair"
     if cfg.text is not None:
@@ -120,14 +117,17 @@ def read_inputs(folder: Path, meta: dict, cfg: PredictConfig) -> list[list[str]]
     if cfg.input is None:
         raise RunnerError("give input=FILE (csv, tsv, jsonl, parquet) or text=...")
     data = reading_config(folder, meta, cfg.input, cfg.data)
+    if meta.get("data_type") == "triplet":  # an embedding model: one text per row
+        data.type = DataType.single
     frame, where = read_source(data, "train")
     if meta.get("input") == "embeddings":
         raw = [data.embedding_field] if data.embedding_field else []
         if not raw:
             raise RunnerError("this model takes vectors: set data.embedding_field to the input's vector column")
         return read_vectors(data, select(data, frame, where, [], None, raw), "train")
-    return select(data, frame, where, text_fields(data), None, []).pipe(
-        lambda f: [f[c].tolist() for c in f.columns if c.startswith("text")])
+    fields = text_fields(data)
+    selected = select(data, frame, where, fields, None, [])  # a frame, or texts left on disk (runner.streaming)
+    return [selected[f"text{i}"].tolist() for i in range(len(fields))]
 
 
 class Predictor:
@@ -159,14 +159,16 @@ class Predictor:
     @torch.inference_mode()
     def run(self, inputs, batch_size: int = 64, progress: bool = False, embeddings: bool = False) -> dict:
         """``head``: head outputs (rows, outputs) of a head model; ``columns``: the pooled vector of every text
-        column (embedding models, or with ``embeddings``); all in input order."""
+        column (embedding models, or with ``embeddings``); all in input order; ``text_ids``: equal for equal
+        texts (the ids training's evaluation uses), None for vectors."""
         from tqdm.auto import tqdm
 
         from runner import batching
 
         if isinstance(inputs, np.ndarray):  # given embeddings: the head on the vectors
             vectors = {"frozen": torch.from_numpy(inputs)}
-            return {"head": self.model(vectors).numpy(), "columns": [self.model.embed(vectors).numpy()] if embeddings else []}
+            return {"head": self.model(vectors).numpy(), "columns": [self.model.embed(vectors).numpy()] if embeddings else [],
+                    "text_ids": None}
         data = batching.Encoded(self.tokenizer, inputs, None, self.meta["max_length"], self.meta.get("text_prefix", ""),
                                 joint=bool(self.meta.get("joint")))
         loader = batching.make_loader(data, self.tokenizer, batch_size, train=False)
@@ -181,7 +183,7 @@ class Predictor:
         order = torch.cat(index).argsort()  # one gather at the end: no host round trip per batch
         gather = lambda parts: torch.cat(parts)[order].float().numpy()  # noqa: E731
         return {"head": gather(head) if self.has_head else None,
-                "columns": [gather(c) for c in columns] if want_columns else []}
+                "columns": [gather(c) for c in columns] if want_columns else [], "text_ids": data.text_ids.numpy()}
 
     def forward(self, features: list[dict], want_columns: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """Head outputs (None without a head) and, if wanted, the pooled vector of each text column."""

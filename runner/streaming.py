@@ -133,17 +133,16 @@ class ArrowSelected:
         keep = np.arange(min(n, len(self)))
         return ArrowSelected([t.take(keep) for t in self.texts], None if self.label is None else self.label.slice(0, len(keep)))
 
-    def __getitem__(self, name: str):
+    def __getitem__(self, name: str) -> ColumnView:
         if name == "label":
-            return LabelColumn(self.label)
-        return LabelColumn(None, self.texts[int(name.removeprefix("text"))])
+            return ColumnView(self.label.to_pylist)
+        texts = self.texts[int(name.removeprefix("text"))]
+        return ColumnView(lambda: texts)
 
 
-class LabelColumn:
-    """``.tolist()`` as pandas gives it: label values (Python objects), or the lazy texts themselves."""
+class ColumnView:
+    """A selected column as the readers use a pandas one: ``.tolist()`` gives the label values (Python
+    objects) or, for texts, the lazy ArrowText itself (they stay on disk)."""
 
-    def __init__(self, column, texts: ArrowText | None = None) -> None:
-        self.column, self.texts = column, texts
-
-    def tolist(self):
-        return self.texts if self.texts is not None else self.column.to_pylist()
+    def __init__(self, values) -> None:
+        self.tolist = values

@@ -61,3 +61,16 @@ def test_head_only_on_mapped_data_runs_the_encoder_per_batch(make_run, tmp_path,
     run = make_run("data.streaming=true", "mode=head_only", "train.max_steps=3", "pooling=weighted", "pooling.layers=[-2,-1]")
     job.execute(run)
     assert not (tmp_path / "cache").exists()  # no frozen-feature cache for texts that stay on disk
+
+
+def test_predict_reads_an_input_left_on_disk(make_run, toy_data, tmp_path, monkeypatch):
+    """runner.predict on an input above data.streaming_above_mb: the same predictions as read in memory."""
+    from runner.predict import PredictConfig, predict
+
+    monkeypatch.setenv("RUNNER_ARROW_CACHE", str(tmp_path / "arrow"))
+    run = make_run("train.epochs=1")
+    job.execute(run)
+    folder = str(Path(run.cfg.output_dir) / "model")
+    memory = predict(PredictConfig(model_dir=folder, input=toy_data["test"], progress=False))
+    mapped = predict(PredictConfig(model_dir=folder, input=toy_data["test"], progress=False, data={"streaming": True}))
+    assert mapped == memory and len(mapped) == 32
