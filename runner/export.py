@@ -67,6 +67,8 @@ class Graph(nn.Module):
 def export_onnx(folder: Path, out: Path, opset: int = 17, quantize: str | None = None) -> Path:
     from runner.artifact import load_model
 
+    if quantize not in (None, "int8"):  # before the minutes of export, not after
+        raise RunnerError(f"quantize={quantize!r}: only int8 is supported")
     model, tokenizer, meta = load_model(folder)
     if meta.get("input") == "embeddings":
         raise RunnerError(f"{folder} is a head on given embeddings: it has no encoder to export")
@@ -89,8 +91,6 @@ def export_onnx(folder: Path, out: Path, opset: int = 17, quantize: str | None =
     (out / "runner_model.json").write_text(json.dumps({**meta, "onnx": {"inputs": names, "outputs": outputs}}, indent=2))
     check(graph, path, batch, names)
     if quantize:
-        if quantize != "int8":
-            raise RunnerError(f"quantize={quantize!r}: only int8 is supported")
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(str(path), str(out / "model.int8.onnx"), weight_type=QuantType.QInt8)
