@@ -198,6 +198,43 @@ class RandomBatches(LengthGroupedBatches):
         return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
 
 
+class ShardedBatches(torch.utils.data.Sampler):
+    """This process's share of every batch of ``batches`` when ``world`` processes train one model.
+
+    ``batches`` yields the batches of the whole job (``world`` times the per-process batch size): with the
+    same seed, exactly the batches one process would see with that batch size. Each is cut into ``world``
+    interleaved slices (similar lengths per slice when batches are length-grouped). A batch whose size
+    is not a multiple of ``world`` is topped up with its own first items, so every process gets the same
+    number of items and a mean over a slice weighs like a mean over the batch; evaluation drops the
+    repeats by dataset index. Accelerate's own sharding skips short batches that are not the last one,
+    and length-grouped epochs have them anywhere, so the runner shards itself.
+    """
+
+    def __init__(self, batches, rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            short = -len(batch) % self.world
+            if short:
+                batch = batch + (batch * self.world)[:short]
+            yield batch[self.rank :: self.world]
+
+
+def for_processes(loader: DataLoader, accelerator) -> DataLoader:
+    """``loader`` for this process of ``accelerator``: its share of each batch (:class:`ShardedBatches`), moved
+    to the device, and tracked by accelerate (gradient accumulation syncs at the end of an epoch). One path
+    for one process and for N: with one process the shard is the whole batch."""
+    from accelerate.data_loader import DataLoaderShard
+
+    sampler = ShardedBatches(loader.batch_sampler, accelerator.process_index, accelerator.num_processes)
+    return DataLoaderShard(loader.dataset, device=accelerator.device, batch_sampler=sampler, collate_fn=loader.collate_fn,
+                           num_workers=loader.num_workers, generator=loader.generator)
+
+
 def make_loader(
     data: Encoded | FrozenSplit, tokenizer, batch_size: int, train: bool, seed: int = 0, group_by_length: bool = True, workers: int = 0
 ) -> DataLoader:

@@ -53,10 +53,13 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
                for name, split in (("train", data.train), ("val", data.validation), ("test", data.test)) if split}
     eval_bs = train_cfg.eval_batch_size or 2 * train_cfg.batch_size
     grouped = train_cfg.group_by_length if train_cfg.group_by_length is not None else task.loss_family == "logits"
-    train_loader = batching.make_loader(encoded.pop("train"), tokenizer, train_cfg.batch_size, train=True,
+    # train.batch_size is per process: N processes train on batches of N * batch_size, cut in N (ShardedBatches)
+    world = accelerator.num_processes
+    train_loader = batching.make_loader(encoded.pop("train"), tokenizer, train_cfg.batch_size * world, train=True,
                                         seed=train_cfg.seed, group_by_length=grouped, workers=cfg.hardware.num_workers)
-    sampler = train_loader.batch_sampler  # accelerate keeps this object: the loop positions it every epoch
-    eval_loaders = {k: batching.make_loader(v, tokenizer, eval_bs, train=False) for k, v in encoded.items()}
+    sampler = train_loader.batch_sampler  # the loop positions it every epoch
+    eval_loaders = {k: batching.for_processes(batching.make_loader(v, tokenizer, eval_bs * world, train=False), accelerator)
+                    for k, v in encoded.items()}
 
     if data.train.vectors is not None:  # given embeddings: the model is the head
         model = VectorModel(data.train.vectors.shape[1], task.num_outputs(data.label_names), train_cfg.head_dropout,
@@ -68,9 +71,9 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
     optimizer = torch.optim.AdamW(param_groups(model, train_cfg.lr, train_cfg.head_lr, train_cfg.weight_decay), fused=True)
     scheduler = make_scheduler(train_cfg.scheduler.value, optimizer, total_steps(train_cfg, len(train_loader)),
                                train_cfg.warmup_ratio)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    train_loader = batching.for_processes(train_loader, accelerator)
     loss_fn.to(accelerator.device)  # not prepared: it holds no trained weights (a teacher is frozen)
-    eval_loaders = {k: accelerator.prepare(v) for k, v in eval_loaders.items()}
     parts = LoopParts(model, loss_fn, train_loader, sampler, optimizer, scheduler, accelerator)
 
     last: dict[str, tuple[int, dict, dict]] = {}  # split -> (step, metrics, report) of the latest evaluation

@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from runner.distributed import Single, Strategy, launched_rank
 from runner.errors import RunnerError
 from runner.schema import Device, Precision
 
@@ -51,10 +52,19 @@ def resolve_precision(precision: Precision, device: str) -> tuple[str, str]:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision.value], f"precision={precision.value} as set"
 
 
-def make_accelerator(device: Device, precision: Precision, grad_accum: int):
+def make_accelerator(device: Device, precision: Precision, grad_accum: int, strategy: Strategy | None = None):
     from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
 
+    strategy = strategy or Single()
     where = resolve_device(device)
+    strategy.check(where, launched_rank()[1])
     mixed, why = resolve_precision(precision, where)
-    log.info("device: %s, precision: %s (%s)", where, {"no": "fp32"}.get(mixed, mixed), why)
-    return Accelerator(cpu=where == "cpu", mixed_precision=mixed, gradient_accumulation_steps=grad_accum)
+    # The runner shards its batches itself (runner.batching.ShardedBatches); split_batches tells accelerate
+    # so, which makes its scheduler wrapper step once per optimizer step instead of once per process.
+    accelerator = Accelerator(cpu=where == "cpu", mixed_precision=mixed, gradient_accumulation_steps=grad_accum,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              **strategy.accelerator_kwargs())
+    processes = f", {accelerator.num_processes} processes ({strategy.name})" if accelerator.num_processes > 1 else ""
+    log.info("device: %s, precision: %s (%s)%s", where, {"no": "fp32"}.get(mixed, mixed), why, processes)
+    return accelerator

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from runner import artifact, cv, runfolder
 from runner.data import Dataset, load_dataset
+from runner.distributed import agree_on
 from runner.errors import RunnerError
 from runner.experiment import FitResult, fit_and_evaluate, job_features, resume_point, uses_frozen_features
 from runner.hardware import make_accelerator
@@ -34,10 +35,17 @@ def execute(run: Run) -> float:
     cfg = run.cfg
     quiet_libraries()
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    accelerator = make_accelerator(cfg.hardware.device, cfg.precision.dtype, cfg.train.grad_accum)
+    accelerator = make_accelerator(cfg.hardware.device, cfg.precision.dtype, cfg.train.grad_accum, run.strategy)
+    if accelerator.num_processes > 1:  # one job on N processes: rank 0's run folder is the job's
+        own, agreed = Path(cfg.output_dir), agree_on(cfg.output_dir, accelerator)
+        if not accelerator.is_main_process:
+            runfolder.leave(own, Path(agreed))
+        run = dataclasses.replace(run, cfg=dataclasses.replace(cfg, output_dir=agreed))
+        cfg = run.cfg
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         runfolder.prepare(out, cfg.overwrite, cfg.train.resume)
+    accelerator.wait_for_everyone()  # the folder is ready (cleared for overwrite) before any rank reads it
     if cfg.train.resume not in ("auto", "never") and runfolder.is_run_folder(Path(cfg.train.resume)):
         if accelerator.is_main_process:  # a retried sweep trial: the interrupted trial's work comes here
             runfolder.adopt(out, Path(cfg.train.resume))

@@ -16,12 +16,15 @@ Each family's ``compute`` takes plain tensors, so the formulas are tested by han
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from runner.distributed import gather_ids, gather_rows
 
 FAMILIES = ("logits", "pair", "triplet")
 
@@ -158,12 +161,14 @@ class CoSENT(PairLoss):
     Example: ``python -m runner data=stsb task.architecture=bi loss=cosent``
     """
 
-    def __init__(self, scale: float = 20.0, similarity: str = "cosine") -> None:
+    def __init__(self, scale: float = 20.0, similarity: str = "cosine", gather_across_ranks: bool = True) -> None:
         super().__init__(similarity)
-        self.scale = scale
+        self.scale, self.gather = scale, gather_across_ranks
 
     def compute(self, a, b, labels):
         s = paired_similarity(a, b, self.similarity) * self.scale
+        if self.gather:  # every process ranks all pairs of the job's batch (see MultipleNegativesRanking.compute)
+            s, labels = gather_rows(s), gather_rows(labels)
         diff = s[None, :] - s[:, None]  # diff[i, j] = s_j - s_i
         diff = diff[labels[:, None] > labels[None, :]]  # only where pair i should rank above pair j
         return torch.logsumexp(torch.cat([torch.zeros(1, device=s.device), diff]), dim=0)
@@ -210,14 +215,19 @@ class MultipleNegativesRanking(TripletLoss):
     Example: ``python -m runner data=snli_triplets loss=mnrl loss.scale=20``
     """
 
-    def __init__(self, scale: float = 20.0, similarity: str = "cosine") -> None:
+    def __init__(self, scale: float = 20.0, similarity: str = "cosine", gather_across_ranks: bool = True) -> None:
         super().__init__()
-        self.scale, self.similarity = scale, similarity
+        self.scale, self.similarity, self.gather = scale, similarity, gather_across_ranks
 
     def forward(self, model, batch) -> torch.Tensor:
         return self.compute(self.embed(model, batch), batch["text_ids"])
 
     def compute(self, columns: Sequence[torch.Tensor], text_ids: torch.Tensor) -> torch.Tensor:
+        """With N processes and ``gather``, every process computes the loss of the whole job batch from the
+        gathered embeddings. Gradients flow back to each process's own rows summed over the N (identical)
+        losses, and DDP averages over N: exactly the gradient of one process with the N x B batch."""
+        if self.gather:
+            columns, text_ids = [gather_rows(c) for c in columns], gather_ids(text_ids)
         anchor, candidates = columns[0], torch.cat(list(columns[1:]))
         scores = similarity_matrix(anchor, candidates, self.similarity) * self.scale  # (n, n * (k - 1))
         n = anchor.size(0)
@@ -241,8 +251,9 @@ class CachedMultipleNegativesRanking(MultipleNegativesRanking):
     Example: ``python -m runner data=snli_triplets loss=cached_mnrl train.batch_size=128 loss.mini_batch_size=16``
     """
 
-    def __init__(self, scale: float = 20.0, similarity: str = "cosine", mini_batch_size: int = 32) -> None:
-        super().__init__(scale, similarity)
+    def __init__(self, scale: float = 20.0, similarity: str = "cosine", mini_batch_size: int = 32,
+                 gather_across_ranks: bool = True) -> None:
+        super().__init__(scale, similarity, gather_across_ranks)
         self.mini_batch_size = mini_batch_size
 
     def chunks(self, features: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -262,19 +273,23 @@ class CachedMultipleNegativesRanking(MultipleNegativesRanking):
         with torch.enable_grad():
             loss = self.compute(columns, batch["text_ids"])
             embedding_grads = torch.autograd.grad(loss, columns)
+        # gathered, each process's rows already carry the gradient summed over the N processes' losses
+        # (see MultipleNegativesRanking.compute), which DDP's average over N turns back into the job's gradient
         out = loss.detach().requires_grad_()
         out.register_hook(lambda grad: self.backward_through_model(model, pieces, states, embedding_grads, grad))
         return out
 
     def backward_through_model(self, model, pieces, states, embedding_grads, grad_output) -> None:
-        k = 0
+        k, last = 0, sum(len(column) for column in pieces) - 1
         for column, grads in zip(pieces, embedding_grads):
             start = 0
             for piece in column:
-                with states[k], torch.enable_grad():  # backward hooks run with grad mode off
+                # under DDP gradients are averaged once, with the last mini-batch's backward
+                quiet = model.no_sync() if k < last and hasattr(model, "no_sync") else contextlib.nullcontext()
+                with states[k], torch.enable_grad(), quiet:  # backward hooks run with grad mode off
                     emb = model(piece).float()
-                end = start + emb.size(0)
-                emb.backward(grads[start:end] * grad_output)
+                    end = start + emb.size(0)
+                    emb.backward(grads[start:end] * grad_output)
                 start, k = end, k + 1
 
 

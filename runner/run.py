@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -39,6 +40,11 @@ cli.register(CONF_DIR)
 def main() -> None:
     """The command line (``python -m runner``, the ``runner`` script): raw characters in string values are
     quoted for Hydra's parser (``data.delimiter=;``), then Hydra composes and runs."""
+    from runner.distributed import cpu_relaunch
+
+    relaunch = cpu_relaunch(sys.argv[1:])
+    if relaunch:  # `accelerate launch --cpu --num_processes N` started one process: become the N it asked for
+        os.execv(relaunch[0], relaunch)
     sys.argv = [sys.argv[0], *cli.quote_raw_values(sys.argv[1:])]
     hydra_main()
 
@@ -60,6 +66,7 @@ def hydra_main(cfg: DictConfig) -> float:
     try:
         from runner.job import execute
 
+        check_launch(single)
         run = build_run(cfg, dict(hydra_cfg.runtime.choices))
         if not single:
             attach_to_sweep(run, hydra_cfg)
@@ -73,6 +80,22 @@ def hydra_main(cfg: DictConfig) -> float:
     except (Interrupted, KeyboardInterrupt) as stop:
         log.error("%s", stop if isinstance(stop, Interrupted) else "interrupted (Ctrl-C) before training started")
         sys.exit(getattr(stop, "exit_code", 130))
+
+
+def check_launch(single: bool) -> None:
+    """Under ``accelerate launch`` / ``torchrun`` every process runs this command: one job on all of them.
+    Ranks other than 0 log warnings and errors only (rank 0 reports for the job)."""
+    from runner.distributed import launched_rank
+    from runner.errors import RunnerError
+
+    rank, world = launched_rank()
+    if world == 1:
+        return
+    if not single:
+        raise RunnerError(f"--multirun under a launcher ({world} processes) would run every sweep job on every "
+                          f"process: run the sweep without the launcher, or launch each job on its own")
+    if rank > 0:
+        logging.getLogger("runner").setLevel(logging.WARNING)
 
 
 def build_run(cfg: DictConfig, choices: dict[str, str]) -> Run:
@@ -100,6 +123,7 @@ def build_run(cfg: DictConfig, choices: dict[str, str]) -> Run:
         make_loss = instantiate(loss_cfg, _partial_=True, _execution_whitelist_=TARGETS)
         make_pooling = instantiate(cfg.pooling, _partial_=True, _execution_whitelist_=TARGETS)
         mode = instantiate(cfg.mode, _execution_whitelist_=TARGETS)
+        strategy = instantiate(cfg.hardware.strategy, _execution_whitelist_=TARGETS) if cfg.hardware.strategy else None
     except InstantiationException as err:  # a component refused its arguments: its own message says why
         cause = err.__cause__
         raise RunnerError(str(cause) if isinstance(cause, (RunnerError, ValueError)) else str(err)) from err
@@ -124,7 +148,7 @@ def build_run(cfg: DictConfig, choices: dict[str, str]) -> Run:
     return Run(
         cfg=typed, make_pooling=make_pooling, mode=mode, task=task, make_loss=make_loss,
         choices={k: str(v) for k, v in choices.items() if not k.startswith(("hydra", "schema"))},
-        config_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+        config_yaml=OmegaConf.to_yaml(cfg, resolve=True), **({"strategy": strategy} if strategy else {}),
     )
 
 

@@ -116,6 +116,18 @@ def record_run_id(folder: Path, run_id: str | None) -> None:
         (folder / MLFLOW_FILE).write_text(json.dumps({"run_id": run_id}))
 
 
+def leave(own: Path, agreed: Path) -> None:
+    """A rank other than 0 of a launched job: its log file closes and the folder its own Hydra made (with a
+    timestamp of its own) goes; the job's files are in rank 0's folder ``agreed``."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent.resolve() == own.resolve():
+            root.removeHandler(handler)
+            handler.close()
+    if own.resolve() != agreed.resolve():
+        remove_if_unused(own)
+
+
 def remove_if_unused(out: Path) -> bool:
     """Delete a folder in which a run failed before doing any work (Hydra's files alone); True if done."""
     if not out.is_dir() or not {p.name for p in out.iterdir()} <= HYDRA_ONLY:

@@ -166,6 +166,9 @@ class CoSENTLossConfig:
     _target_: str = "runner.losses.CoSENT"
     scale: float = 20.0
     similarity: Similarity = Similarity.cosine
+    # with N processes (accelerate launch), compare across all N shares of the batch: N x batch_size in-batch
+    # pairs / negatives, the loss of one process with batch N x batch_size
+    gather_across_ranks: bool = True
 
 
 @dataclass
@@ -185,6 +188,9 @@ class MNRLossConfig:
     _target_: str = "runner.losses.MultipleNegativesRanking"
     scale: float = 20.0
     similarity: Similarity = Similarity.cosine
+    # with N processes (accelerate launch), compare across all N shares of the batch: N x batch_size in-batch
+    # pairs / negatives, the loss of one process with batch N x batch_size
+    gather_across_ranks: bool = True
 
 
 @dataclass
@@ -297,6 +303,9 @@ class PrecisionConfig:
 class HardwareConfig:
     device: Device = Device.auto
     num_workers: int = 0
+    # how one model is spread over the processes of `accelerate launch` / `torchrun`: a runner.distributed
+    # component (conf/hardware/ddp, fsdp, deepspeed_zero2, deepspeed_zero3); None = plain DDP when launched
+    strategy: Any = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from runner.distributed import Single, Strategy
 from runner.losses import Loss
 from runner.modes import Mode
 from runner.pooling import Pooling
@@ -41,6 +42,7 @@ class Run:
     config_yaml: str
     parent_run_id: str | None = None  # the sweep's MLflow run, when this job is part of one
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (sweep id, job number, overrides)
+    strategy: Strategy = field(default_factory=Single)  # how several processes share the model (hardware.strategy)
 
     def fingerprint(self) -> dict[str, str]:
         """The flattened config values that decide what is computed (a checkpoint must match them)."""

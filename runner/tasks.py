@@ -56,18 +56,24 @@ class Task:
         columns, labels, index, has_labels = None, [], [], False
         for batch in loader:
             has_labels = "labels" in batch  # triplets have none: their positives are the targets
-            outs = [model(f).float() for f in (batch["features"][:1] if self.has_head else batch["features"])]
-            outs, y, i = accelerator.gather_for_metrics(
-                (outs, batch["labels"] if has_labels else batch["index"], batch["index"]))
+            outs = [model(f).float().cpu() for f in (batch["features"][:1] if self.has_head else batch["features"])]
             columns = [[] for _ in outs] if columns is None else columns
             for store, out in zip(columns, outs):
-                store.append(out.cpu())
-            labels.append(y.cpu())
-            index.append(i.cpu())
+                store.append(out)
+            labels.append((batch["labels"] if has_labels else batch["index"]).cpu())
+            index.append(batch["index"].cpu())
         model.train(was_training)
-        order = torch.cat(index).argsort()
-        columns = [torch.cat(c)[order].numpy() for c in columns]
-        return columns, (torch.cat(labels)[order].numpy() if has_labels else None)
+        # each process scored its share of every batch (runner.batching.ShardedBatches): gathered once,
+        # the repeats that topped up a short batch dropped by dataset index, back in dataset order
+        shards = [(torch.cat(index), torch.cat(labels), [torch.cat(c) for c in columns])]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            shards = gather_object(shards)
+        index = torch.cat([s[0] for s in shards]).numpy()
+        _, first = np.unique(index, return_index=True)  # sorted by dataset index, each row once
+        columns = [torch.cat([s[2][c] for s in shards]).numpy()[first] for c in range(len(shards[0][2]))]
+        return columns, (torch.cat([s[1] for s in shards]).numpy()[first] if has_labels else None)
 
     def evaluate(self, model, loader, accelerator, split: str, label_names: list, text_ids=None):
         """(metrics keyed ``split/name``, per-class report or None) of a model on a loader."""

@@ -117,12 +117,15 @@ def fit(parts: LoopParts, state: TrainState, cfg: TrainConfig, events: Events, m
 def log_train(state: TrainState, running: torch.Tensor, parts: LoopParts, seconds: float, log) -> float:
     """train/loss (mean over the window), lr, samples/s and any extra loss terms; resets the window;
     returns the mean loss."""
-    mean_loss = running.item() / state.loss_steps  # .item() syncs: only at log steps
+    # the mean over all processes (.item() syncs: only at log steps): a NaN on any process is a NaN on
+    # every process, so all of them stop here, at the same step, with the same message
+    accelerator = parts.accelerator
+    mean_loss = accelerator.reduce(running, "mean").item() / state.loss_steps
     if not math.isfinite(mean_loss):
         raise TrainingDiverged(f"loss is {mean_loss} at step {state.step}; lower train.lr or use precision=fp32")
     lr = parts.scheduler.get_last_lr()[0]
     extra = {k: float(v) for k, v in getattr(parts.loss_fn, "terms", {}).items()}  # e.g. train/distill
-    log({"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": state.samples / max(seconds, 1e-9), **extra},
+    log({"train/loss": mean_loss, "train/lr": lr, "train/samples_per_s": state.samples * accelerator.num_processes / max(seconds, 1e-9), **extra},
         state.step)
     running.zero_()
     state.loss_sum, state.loss_steps, state.samples = 0.0, 0, 0

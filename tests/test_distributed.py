@@ -1,0 +1,119 @@
+"""One job on two CPU processes (``accelerate launch --cpu --num_processes 2``, gloo) against one process
+with twice the batch: the same batches, the same gradients, the same weights; one run folder, one MLflow run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_triplets
+from runner.batching import ShardedBatches
+
+# no dropout anywhere: two processes draw other masks than one, and the comparison is of the arithmetic
+NO_DROPOUT = ["+model.random_init.hidden_dropout_prob=0.0", "+model.random_init.attention_probs_dropout_prob=0.0",
+              "train.head_dropout=0.0", "train.eval_at_start=false"]
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+def launch(args: list[str], cwd: Path, processes: int) -> subprocess.CompletedProcess:
+    """``python -m runner`` as a user types it, or under ``accelerate launch --cpu --num_processes N``."""
+    head = [ACCELERATE, "launch", "--cpu", "--num_processes", str(processes), "--main_process_port", "29517", "-m",
+            "runner"] if processes > 1 else [sys.executable, "-m", "runner"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    done = subprocess.run([*head, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def job_args(tiny_overrides: list[str], *extra: str) -> list[str]:
+    """The tiny setup with the run folder left to Hydra (each process would pick its own timestamp)."""
+    keep = [a for a in tiny_overrides if not a.startswith(("output_dir=", "tracking.uri="))]
+    return [*keep, *NO_DROPOUT, "train.log_every=1", *extra]
+
+
+def run_folders(cwd: Path) -> list[Path]:
+    return sorted(p.parent for p in (cwd / "outputs" / "runs").glob("*/*/.hydra"))
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for file in sorted((folder / "model").rglob("*.safetensors")):
+        found.update({f"{file.relative_to(folder)}:{k}": v for k, v in load_file(file).items()})
+    assert found
+    return found
+
+
+def train_losses(store: Path, experiment: str = "test") -> list[tuple[int, float]]:
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(runs[0].info.run_id, "train/loss"),
+                                                key=lambda m: m.step)]
+
+
+def compare(tmp_path: Path, args: list[str], batch: int) -> tuple[Path, Path]:
+    """Run ``args`` on two processes with ``batch`` each and on one with ``2 * batch``; the run folders."""
+    folders = []
+    for processes, size in ((2, batch), (1, 2 * batch)):
+        cwd = tmp_path / f"p{processes}"
+        cwd.mkdir()
+        launch([*args, f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}", f"train.batch_size={size}"], cwd, processes)
+        found = run_folders(cwd)
+        assert len(found) == 1, found  # one folder for the job, not one per process
+        assert (found[0] / "metrics.json").exists()
+        folders.append(found[0])
+    return folders[0], folders[1]
+
+
+def test_two_processes_train_the_weights_of_one_with_twice_the_batch(tmp_path, tiny_overrides):
+    """96 rows, batch 8 per process = 16 = the single process's batch: 6 optimizer steps an epoch either way
+    (max_steps and the scheduler count optimizer steps, not each process's batches)."""
+    args = job_args(tiny_overrides, "train.epochs=2")
+    two, one = compare(tmp_path, args, batch=8)
+    a, b = weights(two), weights(one)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+    two_losses, one_losses = train_losses(tmp_path / "p2" / "mlflow.db"), train_losses(tmp_path / "p1" / "mlflow.db")
+    assert [s for s, _ in two_losses] == [s for s, _ in one_losses] == list(range(1, 13))
+    assert [v for _, v in two_losses] == pytest.approx([v for _, v in one_losses], abs=1e-6)
+    # evaluation was sharded over the processes and gathered: every row once, the same metrics
+    m2, m1 = json.loads((two / "metrics.json").read_text()), json.loads((one / "metrics.json").read_text())
+    assert m2["metrics"] == pytest.approx(m1["metrics"], abs=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["mnrl", pytest.param("cached_mnrl", marks=pytest.mark.slow)])
+def test_in_batch_negatives_are_gathered_across_processes(tmp_path, tiny_overrides, loss):
+    """MNRL (and its GradCache form, in mini-batches of 2) on two processes with batch 6 each sees the negatives of one batch of 12: the same loss, step
+    by step, and the same weights as one process with batch 12."""
+    files = {split: write_triplets(tmp_path / f"{split}.jsonl", n, seed) for split, n, seed in
+             (("train", 48, 0), ("dev", 12, 1))}
+    args = job_args(tiny_overrides, "data.type=triplet", f"data.train={files['train']}",
+                    f"data.validation={files['dev']}", "data.test=null", f"loss={loss}", "train.epochs=1",
+                    *(["loss.mini_batch_size=2"] if loss == "cached_mnrl" else []),
+                    "objective.metric=val/mrr_at_10")
+    two, one = compare(tmp_path, args, batch=6)
+    two_losses, one_losses = train_losses(tmp_path / "p2" / "mlflow.db"), train_losses(tmp_path / "p1" / "mlflow.db")
+    assert len(two_losses) == 4
+    assert [v for _, v in two_losses] == pytest.approx([v for _, v in one_losses], abs=1e-5)
+    a, b = weights(two), weights(one)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_each_process_gets_an_equal_share_of_every_batch():
+    """Short batches (anywhere in a length-grouped epoch) are topped up with their own first items: both
+    processes run the same number of steps on the same number of rows, and no row is dropped."""
+    batches = [[0, 1, 2, 3], [4, 5, 6], [7]]
+    shares = [list(ShardedBatches(batches, rank, 2)) for rank in range(2)]
+    assert shares[0] == [[0, 2], [4, 6], [7]]
+    assert shares[1] == [[1, 3], [5, 4], [7]]
+    assert sorted({i for share in shares for b in share for i in b}) == list(range(8))  # none dropped
