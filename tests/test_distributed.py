@@ -12,9 +12,9 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from conftest import write_triplets
 from safetensors.torch import load_file
 
-from conftest import write_triplets
 from runner.batching import ShardedBatches
 
 # no dropout anywhere: two processes draw other masks than one, and the comparison is of the arithmetic
