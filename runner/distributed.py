@@ -108,7 +108,7 @@ class Strategy:
     name = "single"
     needs_gpu = False
 
-    def accelerator_kwargs(self) -> dict:
+    def accelerator_kwargs(self, grad_accum: int = 1, max_grad_norm: float = 0.0) -> dict:
         return {}
 
     def check(self, device: str, world: int) -> None:
@@ -132,7 +132,7 @@ class DDP(Strategy):
     bucket_cap_mb: int = 25
     name = "ddp"
 
-    def accelerator_kwargs(self) -> dict:
+    def accelerator_kwargs(self, grad_accum: int = 1, max_grad_norm: float = 0.0) -> dict:
         from accelerate.utils import DistributedDataParallelKwargs
 
         return {"kwargs_handlers": [DistributedDataParallelKwargs(
@@ -152,7 +152,7 @@ class FSDP(Strategy):
     activation_checkpointing: bool = False
     name = "fsdp"
 
-    def accelerator_kwargs(self) -> dict:
+    def accelerator_kwargs(self, grad_accum: int = 1, max_grad_norm: float = 0.0) -> dict:
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         return {"fsdp_plugin": FullyShardedDataParallelPlugin(
@@ -183,7 +183,8 @@ class DeepSpeed(Strategy):
         if self.offload_param_device != "none" and self.zero_stage != 3:
             raise RunnerError("hardware.strategy.offload_param_device needs zero_stage=3 (hardware=deepspeed_zero3)")
 
-    def accelerator_kwargs(self) -> dict:
+    def accelerator_kwargs(self, grad_accum: int = 1, max_grad_norm: float = 0.0) -> dict:
+        """DeepSpeed clips and accumulates itself: train.max_grad_norm and train.grad_accum go into its config."""
         try:
             import deepspeed  # noqa: F401
         except ImportError as err:
@@ -194,4 +195,5 @@ class DeepSpeed(Strategy):
         return {"deepspeed_plugin": DeepSpeedPlugin(
             zero_stage=self.zero_stage, offload_optimizer_device=self.offload_optimizer_device,
             offload_param_device=self.offload_param_device, zero3_save_16bit_model=self.zero3_save_16bit_model,
-            gradient_clipping=self.gradient_clipping)}
+            gradient_accumulation_steps=grad_accum,
+            gradient_clipping=self.gradient_clipping if self.gradient_clipping is not None else (max_grad_norm or None))}

@@ -202,7 +202,7 @@ def build_model(run: Run, vocab_size: int, num_outputs: int | None, frozen_encod
     if frozen_encoder is not None:
         encoder = frozen_encoder
     else:
-        encoder = load_encoder(run.cfg.model, vocab_size)
+        encoder = load_encoder(run.cfg.model, vocab_size, run.mode.load_options())
         if run.cfg.train.gradient_checkpointing:
             encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         encoder = run.mode.apply(encoder)

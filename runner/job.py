@@ -35,7 +35,9 @@ def execute(run: Run) -> float:
     cfg = run.cfg
     quiet_libraries()
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    accelerator = make_accelerator(cfg.hardware.device, cfg.precision.dtype, cfg.train.grad_accum, run.strategy)
+    accelerator = make_accelerator(cfg.hardware.device, cfg.precision.dtype, cfg.train.grad_accum, run.strategy,
+                                   cfg.train.max_grad_norm)
+    run.mode.check_device(accelerator.device.type)
     if accelerator.num_processes > 1:  # one job on N processes: rank 0's run folder is the job's
         own, agreed = Path(cfg.output_dir), agree_on(cfg.output_dir, accelerator)
         if not accelerator.is_main_process:

@@ -108,10 +108,14 @@ def check_model(cfg: ModelConfig, vocab_size: int, mode, layers) -> None:
     mode.check(skeleton)
 
 
-def load_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
-    """The pretrained encoder of ``cfg.name_or_path``, or a random one built from ``cfg.random_init``."""
+def load_encoder(cfg: ModelConfig, vocab_size: int, options: dict | None = None) -> nn.Module:
+    """The pretrained encoder of ``cfg.name_or_path``, or a random one built from ``cfg.random_init``;
+    ``options``: more ``from_pretrained`` arguments (a mode's 4-bit quantization)."""
     from transformers import AutoModel
 
+    if cfg.random_init and options:
+        raise RunnerError(f"{', '.join(options)} needs pretrained weights to quantize; model.random_init builds a "
+                          f"random model: use mode=peft, or a model with weights")
     if cfg.random_init:
         encoder = AutoModel.from_config(load_config(cfg, vocab_size))
     elif not cfg.name_or_path:
@@ -119,7 +123,7 @@ def load_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     else:
         try:
             encoder = AutoModel.from_pretrained(
-                cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+                cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **(options or {})
             )
         except OSError as err:
             raise RunnerError(f"could not load the model '{cfg.name_or_path}': {first_line(err)}") from err

@@ -42,6 +42,13 @@ class Mode:
     def apply(self, encoder: nn.Module) -> nn.Module:
         raise NotImplementedError
 
+    def check_device(self, device: str) -> None:
+        """Raise a RunnerError if this mode cannot run on ``device`` (``cpu`` or ``cuda``)."""
+
+    def load_options(self) -> dict:
+        """Extra ``from_pretrained`` arguments for the encoder this mode trains (4-bit weights for QLoRA)."""
+        return {}
+
 
 class HeadOnly(Mode):
     """Freeze the whole encoder: its weights are bit-identical after training."""
@@ -95,12 +102,42 @@ class Lora(Mode):
 
     def __init__(
         self, r: int = 8, alpha: int = 16, dropout: float = 0.1, target_modules: Sequence[str] | None = None,
-        merge: bool = False,
+        merge: bool = False, quantize: str | None = None, compute_dtype: str = "bfloat16",
     ) -> None:
         if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
             raise RunnerError(f"mode: r={r} must be at least 1, alpha={alpha} positive, dropout={dropout} in [0, 1)")
+        if quantize not in (None, "nf4", "fp4"):
+            raise RunnerError(f"mode.quantize={quantize!r}: use nf4 or fp4 (4-bit base weights, QLoRA) or null")
+        if compute_dtype not in ("bfloat16", "float16", "float32"):
+            raise RunnerError(f"mode.compute_dtype={compute_dtype!r}: use bfloat16, float16 or float32")
+        if merge and quantize:
+            raise RunnerError("mode.merge=true with mode.quantize: merging adapters into 4-bit weights would round them; "
+                              "keep merge=false (the saved adapters load onto the full-precision base)")
         self.r, self.alpha, self.dropout, self.merge = r, alpha, dropout, merge
         self.target_modules = list(target_modules) if target_modules else None
+        self.quantize, self.compute_dtype = quantize, compute_dtype
+
+    def check_device(self, device: str) -> None:
+        if not self.quantize:
+            return
+        if device != "cuda":
+            raise RunnerError(f"mode.quantize={self.quantize} (QLoRA) loads the base weights in 4 bits with bitsandbytes, "
+                              f"which needs a CUDA GPU; this run is on {device}: use mode=peft (LoRA on full-precision "
+                              f"weights) or run on a GPU")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise RunnerError("mode.quantize (QLoRA) needs bitsandbytes: pip install bitsandbytes") from err
+
+    def load_options(self) -> dict:
+        if not self.quantize:
+            return {}
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        return {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=self.quantize, bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype))}
 
     def targets_for(self, encoder: nn.Module) -> list[str]:
         if self.target_modules:
@@ -134,6 +171,10 @@ class Lora(Mode):
             target_modules=self.targets_for(encoder),
             bias="none",
         )
+        if self.quantize:  # QLoRA: norms in fp32, inputs that carry gradients into the adapters
+            from peft import prepare_model_for_kbit_training
+
+            encoder = prepare_model_for_kbit_training(encoder, use_gradient_checkpointing=False)
         return get_peft_model(encoder, config)
 
 

@@ -40,8 +40,14 @@ cli.register(CONF_DIR)
 def main() -> None:
     """The command line (``python -m runner``, the ``runner`` script): raw characters in string values are
     quoted for Hydra's parser (``data.delimiter=;``), then Hydra composes and runs."""
-    from runner.distributed import cpu_relaunch
+    from runner.distributed import cpu_relaunch, launched_rank
+    from runner.errors import RunnerError
 
+    rank, world = launched_rank()
+    if world > 1 and {"-m", "--multirun"} & set(sys.argv[1:]):
+        print(f"error: --multirun under a launcher ({world} processes) would run every sweep job on every process: "
+              f"run the sweep without the launcher, or launch each job on its own", file=sys.stderr)
+        sys.exit(RunnerError.exit_code)
     relaunch = cpu_relaunch(sys.argv[1:])
     if relaunch:  # `accelerate launch --cpu --num_processes N` started one process: become the N it asked for
         os.execv(relaunch[0], relaunch)
@@ -66,7 +72,7 @@ def hydra_main(cfg: DictConfig) -> float:
     try:
         from runner.job import execute
 
-        check_launch(single)
+        quiet_other_ranks()
         run = build_run(cfg, dict(hydra_cfg.runtime.choices))
         if not single:
             attach_to_sweep(run, hydra_cfg)
@@ -82,19 +88,12 @@ def hydra_main(cfg: DictConfig) -> float:
         sys.exit(getattr(stop, "exit_code", 130))
 
 
-def check_launch(single: bool) -> None:
-    """Under ``accelerate launch`` / ``torchrun`` every process runs this command: one job on all of them.
-    Ranks other than 0 log warnings and errors only (rank 0 reports for the job)."""
+def quiet_other_ranks() -> None:
+    """Under ``accelerate launch`` / ``torchrun`` every process runs this command, one job on all of them
+    (``main`` refused ``--multirun`` there): ranks other than 0 log warnings and errors only."""
     from runner.distributed import launched_rank
-    from runner.errors import RunnerError
 
-    rank, world = launched_rank()
-    if world == 1:
-        return
-    if not single:
-        raise RunnerError(f"--multirun under a launcher ({world} processes) would run every sweep job on every "
-                          f"process: run the sweep without the launcher, or launch each job on its own")
-    if rank > 0:
+    if launched_rank()[0] > 0:
         logging.getLogger("runner").setLevel(logging.WARNING)
 
 

@@ -130,6 +130,9 @@ class PeftModeConfig:
     # None picks the defaults of the encoder's architecture family (see runner/modes.py)
     target_modules: list[str] | None = None
     merge: bool = False  # save the encoder with the adapters merged in (loads without peft)
+    # QLoRA (mode=qlora): base weights loaded in 4 bits (nf4 or fp4) by bitsandbytes, CUDA only; null = LoRA
+    quantize: str | None = None
+    compute_dtype: str = "bfloat16"  # the dtype 4-bit weights are dequantized to for each matmul
 
 
 # ------------------------------------------------------------------------------------- loss (conf/loss/)

@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import write_triplets
+from conftest import run_cli, write_triplets
 from safetensors.torch import load_file
 
 from runner.batching import ShardedBatches
@@ -117,3 +117,57 @@ def test_each_process_gets_an_equal_share_of_every_batch():
     assert shares[0] == [[0, 2], [4, 6], [7]]
     assert shares[1] == [[1, 3], [5, 4], [7]]
     assert sorted({i for share in shares for b in share for i in b}) == list(range(8))  # none dropped
+
+
+HARDWARE = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "hardware").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", HARDWARE)
+def test_every_hardware_preset_composes_into_its_strategy(make_run, preset):
+    """Each conf/hardware file composes, opens with how to launch it (multi-process ones), and turns into
+    the accelerate arguments it documents; DeepSpeed on CPU is one clear error, not a traceback."""
+    from accelerate.utils import DistributedDataParallelKwargs, FullyShardedDataParallelPlugin
+
+    from runner import distributed
+    from runner.errors import RunnerError
+
+    run = make_run(f"hardware={preset}")
+    strategy = run.strategy
+    text = (Path(__file__).resolve().parent.parent / "conf" / "hardware" / f"{preset}.yaml").read_text()
+    if preset in ("auto", "cpu", "gpu"):
+        assert isinstance(strategy, distributed.Single) and strategy.accelerator_kwargs() == {}
+        return
+    assert text.startswith("#") and "launch --num_processes" in text.split("strategy:")[0]
+    if preset == "ddp":
+        handler = strategy.accelerator_kwargs()["kwargs_handlers"][0]
+        assert isinstance(handler, DistributedDataParallelKwargs) and handler.find_unused_parameters is False
+    elif preset == "fsdp":
+        plugin = strategy.accelerator_kwargs()["fsdp_plugin"]
+        assert isinstance(plugin, FullyShardedDataParallelPlugin) and plugin.fsdp_version == 2
+    else:
+        assert isinstance(strategy, distributed.DeepSpeed) and strategy.zero_stage == int(preset[-1])
+        with pytest.raises(RunnerError, match="needs CUDA GPUs"):
+            strategy.check("cpu", 2)
+
+
+def test_deepspeed_options_are_checked(make_run):
+    from runner.errors import RunnerError
+
+    with pytest.raises(RunnerError, match="offload_param_device needs zero_stage=3"):
+        make_run("hardware=deepspeed_zero2", "hardware.strategy.offload_param_device=cpu")
+    run = make_run("hardware=deepspeed_zero3", "hardware.strategy.offload_param_device=cpu",
+                   "hardware.strategy.offload_optimizer_device=cpu")
+    assert (run.strategy.offload_param_device, run.strategy.offload_optimizer_device) == ("cpu", "cpu")
+
+
+def test_qlora_on_cpu_is_a_clear_error(tiny_overrides, capsys):
+    """mode=qlora (4-bit base weights, bitsandbytes) needs CUDA: on CPU it stops before loading anything."""
+    code, out = run_cli([*tiny_overrides, "mode=qlora"], capsys)
+    assert code == 1 and "needs a CUDA GPU" in out and "use mode=peft" in out
+
+
+def test_multirun_under_a_launcher_is_refused(tiny_overrides, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, out = run_cli(["-m", *tiny_overrides, "train.lr=1e-3,2e-3"], capsys)
+    assert code == 1 and "--multirun under a launcher" in out
