@@ -487,14 +487,12 @@ def register() -> None:
         cs.store(group="schema/loss", name=name, node=node)
     try:  # hydra/sweeper=runner_optuna: the Optuna sweeper, resumable (runner/optuna_sweeper.py)
         from hydra.core.plugins import Plugins
-        from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 
-        from runner.optuna_sweeper import ResumableOptunaSweeper
+        from runner.optuna_sweeper import ResumableOptunaSweeper, RunnerOptunaSweeperConf
     except ImportError:
         return
     Plugins.instance().register(ResumableOptunaSweeper)  # plugins outside hydra_plugins/ register by hand
-    cs.store(group="hydra/sweeper", name="runner_optuna", provider="runner",
-             node=OptunaSweeperConf(_target_="runner.optuna_sweeper.ResumableOptunaSweeper"))
+    cs.store(group="hydra/sweeper", name="runner_optuna", provider="runner", node=RunnerOptunaSweeperConf)
 
 
 register()

@@ -5,7 +5,8 @@
 - before any job starts it creates the MLflow store once (concurrent first-time schema creation on
   SQLite fails) and the sweep's parent run, and writes the parent's id into the sweep folder, where
   every job (in this process, a joblib worker or a cluster node) finds it;
-- an Optuna sweep's parent is keyed by its study, so resuming the study reuses the same parent;
+- an Optuna sweep's parent is named by its study (a user attribute), so every worker of a search, and a
+  resumed search, reports under the same parent;
 - after every job, and at the end, ``summary.csv`` (overrides, status and objective per job, best
   first) is rebuilt from MLflow and logged to the parent: a failed job shows as FAILED and the others
   keep their results, whichever job failed and whether the sweep went on or stopped.
@@ -17,11 +18,12 @@ import atexit
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from runner.tracking import Tracker, default_uri, prepare_store
 
@@ -47,6 +49,7 @@ def sweep_parent(sweep_dir: str | os.PathLike) -> dict[str, str]:
 class MLflowSweepCallback(Callback):
     def __init__(self) -> None:
         self.tracker: Tracker | None = None
+        self.study: SharedStudy | None = None
         self.finished = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -55,22 +58,27 @@ class MLflowSweepCallback(Callback):
         if not config.tracking.enabled:
             return
         uri = config.tracking.uri or default_uri()
-        experiment_id = prepare_store(uri, config.tracking.experiment)
+        prepare_store(uri, config.tracking.experiment)
         key, sweep_dir = sweep_key(config), Path(config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         self.tracker = Tracker(uri, config.tracking.experiment)
         client = mlflow.MlflowClient(tracking_uri=uri)
-        found = client.search_runs([experiment_id], filter_string=f"tags.sweep_id = '{escape(key)}' and tags.role = 'sweep'",
-                                   max_results=1)
-        if found:  # a resumed Optuna study: same parent, back to RUNNING
-            self.tracker.client, self.tracker.run_id = client, found[0].info.run_id
-            client.update_run(self.tracker.run_id, status="RUNNING")
-            close_stale_runs(client, experiment_id, self.tracker.run_id)
-            log.info("resuming sweep run %s (%s)", found[0].info.run_name, key)
-        else:
+        self.study = study_of(config)
+
+        def new_parent() -> str:
             name = Path(config.hydra.sweeper.get("study_name") or sweep_dir.name).name
             self.tracker.start(f"sweep-{name}", tags={"role": "sweep", "sweep_id": key, "sweep_dir": str(sweep_dir.resolve()),
                                                       "objective": config.objective.metric})
+            return self.tracker.run_id
+
+        if self.study is not None:  # workers of one study share one parent: the study names it
+            parent_id = self.study.parent(new_parent)
+            if self.tracker.run_id != parent_id:  # another worker (or an earlier run of this search) made it
+                self.tracker.client, self.tracker.run_id = client, parent_id
+                client.update_run(parent_id, status="RUNNING")
+                log.info("joining sweep run %s (%s)", client.get_run(parent_id).info.run_name, key)
+        else:
+            new_parent()
         (sweep_dir / PARENT_FILE).write_text(json.dumps({"run_id": self.tracker.run_id, "sweep_id": key}))
         atexit.register(self.close, "FAILED")  # the sweep raised or was interrupted before on_multirun_end
 
@@ -106,19 +114,81 @@ class MLflowSweepCallback(Callback):
         self.close("FINISHED")
 
     def close(self, status: str) -> None:
-        if self.tracker is not None and not self.finished:
-            self.finished = True
-            self.tracker.finish(status)
+        if self.tracker is None or self.finished:
+            return
+        self.finished = True
+        if self.study is not None and self.study.running():
+            return  # other workers still run trials of this study: the last one to end closes the parent
+        self.tracker.finish(status)
 
 
-def close_stale_runs(client, experiment_id: str, parent_id: str) -> None:
-    """Trials (and their folds) left RUNNING under a resumed sweep were killed with it: mark them KILLED."""
-    stale = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and "
-                               "attributes.status = 'RUNNING'")
-    for run in stale:
-        close_stale_runs(client, experiment_id, run.info.run_id)
-        client.set_terminated(run.info.run_id, status="KILLED")
-        log.warning("run %s was left running by an interrupted sweep: marked KILLED", run.info.run_name)
+class SharedStudy:
+    """The Optuna study of a search, as the sweep callback sees it: it names the MLflow parent run that
+    every worker of the search reports under (its user attribute ``mlflow_parent_run_id``)."""
+
+    KEY = "mlflow_parent_run_id"
+
+    def __init__(self, storage, name: str, directions: list[str]) -> None:
+        self.storage, self.name, self.directions = storage, name, directions
+
+    def parent(self, create) -> str:
+        """The parent run's id: made by ``create()`` in the worker that created the study (creating a study
+        is atomic in the storage), read from the study by the others."""
+        import optuna
+
+        try:
+            study = optuna.create_study(study_name=self.name, storage=self.storage, directions=self.directions)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            study, created = optuna.load_study(study_name=self.name, storage=self.storage), False
+        if created or self.KEY not in study.user_attrs:
+            if not created:  # its creator is making the parent right now, or died first (or an older runner made it)
+                for _ in range(30):
+                    time.sleep(1)
+                    if self.KEY in study.user_attrs:
+                        return study.user_attrs[self.KEY]
+            study.set_user_attr(self.KEY, create())
+        return study.user_attrs[self.KEY]
+
+    def running(self) -> bool:
+        import optuna
+        from optuna.trial import TrialState
+
+        study = optuna.load_study(study_name=self.name, storage=self.storage)
+        return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
+
+
+def study_of(config: DictConfig) -> SharedStudy | None:
+    """The Optuna study of an Optuna sweep (None for a grid sweep)."""
+    sweeper = config.hydra.sweeper
+    if not ("optuna" in str(sweeper.get("_target_", "")).lower() and sweeper.get("storage") and sweeper.get("study_name")):
+        return None
+    from runner.optuna_sweeper import make_storage
+
+    direction = sweeper.get("direction")
+    directions = list(direction) if OmegaConf.is_list(direction) else [direction]
+    return SharedStudy(make_storage(sweeper.storage), sweeper.study_name,
+                       [str(getattr(d, "value", d)).lower().rsplit(".", 1)[-1] for d in directions])
+
+
+def kill_runs_of(config: DictConfig, job_dir: str) -> None:
+    """The MLflow run of a killed trial (found by its folder, under the sweep's parent) and its folds: KILLED."""
+    import mlflow
+
+    parent = sweep_parent(config.hydra.sweep.dir)
+    if not parent or not config.tracking.enabled:
+        return
+    client = mlflow.MlflowClient(tracking_uri=config.tracking.uri or default_uri())
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent['run_id']}' "
+                              "and attributes.status = 'RUNNING'")
+    for run in runs:
+        if Path(run.data.tags.get("output_dir", "/nonexistent")).resolve() == Path(job_dir).resolve():
+            folds = client.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = "
+                                       f"'{run.info.run_id}' and attributes.status = 'RUNNING'")
+            for run_ in [*folds, run]:
+                client.set_terminated(run_.info.run_id, status="KILLED")
+            log.warning("run %s of the killed trial: marked KILLED", run.info.run_name)
 
 
 def record_failure(config: DictConfig, parent: dict[str, str], job_return: Any) -> None:
@@ -177,7 +247,9 @@ def write_summary(config: DictConfig, parent_id: str):
 def write_trials_table(config: DictConfig, path: Path):
     import optuna
 
+    from runner.optuna_sweeper import make_storage
+
     sweeper = config.hydra.sweeper
-    study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage)
+    study = optuna.load_study(study_name=sweeper.study_name, storage=make_storage(sweeper.storage))
     study.trials_dataframe().to_csv(path, index=False)
     return study

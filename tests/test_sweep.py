@@ -107,12 +107,14 @@ def test_optuna_search_sweep_trials_folds_and_resume(sweep):
     assert len(pd.read_csv(sweep.dir / "first" / "trials.csv")) == 2
     check_reports(sweep.uri, sweep.dir / "first", parent, trials, kids)
 
-    # a trial left RUNNING by a killed sweep (in Optuna and MLflow), then the same command, target 3 trials
-    study.ask()
+    # a trial left RUNNING by a worker that died before its first heartbeat (in Optuna and MLflow), then the
+    # same command, target 3 trials: the trial is found stale after 2 heartbeat intervals
+    dead = study.ask()
+    dead.set_user_attr("job_dir", str(sweep.dir / "gone" / "9"))
     client, _ = runs_of(sweep.uri)
     killed = client.create_run(parent.info.experiment_id, run_name="killed-trial",
-                               tags={"mlflow.parentRunId": parent.info.run_id})
-    sweep(*optuna_args(storage, 3), name="second")
+                               tags={"mlflow.parentRunId": parent.info.run_id, "output_dir": str(sweep.dir / "gone" / "9")})
+    sweep(*optuna_args(storage, 3, "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=5"), name="second")
     trials = optuna.load_study(study_name="test-head_lr", storage=storage).trials
     states = [t.state.name for t in trials]
     assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1 and "RUNNING" not in states
@@ -144,7 +146,8 @@ def test_a_killed_trial_is_retried_first_from_its_own_checkpoint(sweep):
     trials = optuna.load_study(study_name="test-head_lr", storage=storage).trials
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
     assert trials[1].params == trials[0].params  # the retry is the same trial, continued
-    assert json.loads((sweep.dir / "second" / "0" / "mlflow_run.json").read_text())["run_id"] == killed_run
+    # the retry is trial 1, so job 1 (job numbers are trial numbers: unique across workers)
+    assert json.loads((sweep.dir / "second" / "1" / "mlflow_run.json").read_text())["run_id"] == killed_run
     client, _ = runs_of(sweep.uri)
     assert client.get_run(killed_run).info.status == "FINISHED"
 
