@@ -1,11 +1,12 @@
-"""Stopping on request: SIGTERM, SIGINT (Ctrl-C) and SIGUSR1 (SLURM's pre-emption warning).
+"""Stopping on request: SIGTERM, SIGINT (Ctrl-C), SIGUSR1 and SIGUSR2 (SLURM's pre-emption warnings).
 
 Inside the training loop the first signal only sets a flag: the loop finishes the optimizer step it is
 in (with its scheduled evaluation, so the resumed run is exact), writes a checkpoint and raises
 :class:`Interrupted`. Outside the loop (loading, the step-0 or final evaluation) there is nothing to
 save, and :class:`Interrupted` is raised at once. Either way the job marks its MLflow run KILLED and the
-process exits with 128 + the signal number (143 for SIGTERM, 130 for Ctrl-C, 138 for SIGUSR1). A second
-signal exits at once, with the same code.
+process exits with 128 + the signal number (143 for SIGTERM, 130 for Ctrl-C, 138 for SIGUSR1, 140 for
+SIGUSR2), unless a launcher had its own handler for that signal (submitit's requeue): it is then called.
+A second signal exits at once, with the same code.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import threading
 
 log = logging.getLogger("runner")
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# SIGUSR2: what submitit (hydra/launcher=slurm) has SLURM send before a time limit or pre-emption
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Interrupted(BaseException):  # noqa: N818  (like KeyboardInterrupt: not an error of the run)
@@ -54,10 +56,17 @@ class StopRequests:
             self.deferring = False
 
     def uninstall(self) -> None:
+        """Restore the handlers there were; a signal received is then passed on to its earlier handler, if
+        that was a program's own (submitit's SIGUSR2 handler requeues the job, which resumes from the
+        checkpoint just written)."""
+        received, earlier = self.received, self.previous.get(self.received) if self.received else None
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous.clear()
         self.received = None
+        if received and callable(earlier) and earlier not in (signal.default_int_handler, self.handle):
+            log.info("passing %s on to the launcher's handler", signal.Signals(received).name)
+            earlier(received, None)
 
     def handle(self, signum: int, frame) -> None:
         if self.received is not None:
