@@ -107,6 +107,7 @@ class Strategy:
 
     name = "single"
     needs_gpu = False
+    shards_state = False  # weights or optimizer state split over the processes (FSDP, DeepSpeed)
 
     def accelerator_kwargs(self, grad_accum: int = 1, max_grad_norm: float = 0.0) -> dict:
         return {}
@@ -115,6 +116,12 @@ class Strategy:
         if self.needs_gpu and device != "gpu":
             raise RunnerError(f"hardware={self.name} needs CUDA GPUs (DeepSpeed's engine); on CPU use hardware=ddp "
                               f"under accelerate launch --cpu, or hardware=cpu")
+        if world > 1 and self.shards_state:
+            # rank 0 saves the model and checkpoints from its own state: with shards that is a part of the
+            # weights or optimizer state, a wrong artifact; gathering them (accelerator.get_state_dict on
+            # every rank) is not wired and could not be run here without GPUs
+            raise RunnerError(f"hardware={self.name}: saving and checkpointing sharded weights and optimizer state "
+                              f"is not supported yet; use hardware=ddp (a full copy per process)")
         if world == 1 and self.name != "single":
             log.warning("hardware=%s but this is one process: start it with `accelerate launch --num_processes N -m "
                         "runner ...` (or torchrun --nproc_per_node N) to train on N processes", self.name)
@@ -151,6 +158,7 @@ class FSDP(Strategy):
     state_dict_type: str = "FULL_STATE_DICT"  # the saved model is one plain folder
     activation_checkpointing: bool = False
     name = "fsdp"
+    shards_state = True
 
     def accelerator_kwargs(self, grad_accum: int = 1, max_grad_norm: float = 0.0) -> dict:
         from accelerate.utils import FullyShardedDataParallelPlugin
@@ -173,6 +181,7 @@ class DeepSpeed(Strategy):
     gradient_clipping: float | None = None  # None: train.max_grad_norm
     name = "deepspeed"
     needs_gpu = True
+    shards_state = True
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (1, 2, 3):

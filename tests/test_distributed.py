@@ -144,6 +144,8 @@ def test_every_hardware_preset_composes_into_its_strategy(make_run, preset):
     elif preset == "fsdp":
         plugin = strategy.accelerator_kwargs()["fsdp_plugin"]
         assert isinstance(plugin, FullyShardedDataParallelPlugin) and plugin.fsdp_version == 2
+        with pytest.raises(RunnerError, match="sharded weights"):  # not a silently partial saved model
+            strategy.check("gpu", 2)
     else:
         assert isinstance(strategy, distributed.DeepSpeed) and strategy.zero_stage == int(preset[-1])
         with pytest.raises(RunnerError, match="needs CUDA GPUs"):
