@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import RunnerError
 from runner.runfolder import is_run_folder
+from runner.sweep import kill_runs_of, make_storage
 
 log = logging.getLogger("runner")
 
@@ -53,18 +54,6 @@ class RunnerOptunaSweeperConf(OptunaSweeperConf):
     _target_: str = "runner.optuna_sweeper.ResumableOptunaSweeper"
     heartbeat_interval: int = 10  # seconds between the stamps of a running trial
     grace_period: int = 60  # a trial unstamped this long was killed (beyond clock skew between machines)
-
-
-def make_storage(url: str):
-    """An Optuna storage object from ``hydra.sweeper.storage``: a journal file or an RDB URL."""
-    import optuna
-
-    if url.startswith("journal:"):
-        path = Path(url[len("journal:"):].removeprefix("//")).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    # pool_pre_ping: a worker that sat through a long trial finds its pooled connection dropped by the server
-    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
 
 
 class ResumableOptunaSweeper(OptunaSweeper):
@@ -102,8 +91,6 @@ class ResumableOptunaSweeper(OptunaSweeper):
             space.pop(name, None)
         study = optuna.create_study(study_name=impl.study_name, storage=make_storage(impl.storage), sampler=impl.sampler,
                                     directions=impl._get_directions(), load_if_exists=True)
-        from runner.sweep import kill_runs_of
-
         trials = Trials(study, self.heartbeat_interval, self.grace_period, lambda job_dir: kill_runs_of(self.config, job_dir))
         done, pending = trials.counts()
         if done:

@@ -69,14 +69,18 @@ class StopRequests:
             earlier(received, None)
 
     def handle(self, signum: int, frame) -> None:
+        """No logging in here: a handler runs between any two bytecodes, possibly inside a log call on the
+        same stream ("reentrant call inside BufferedWriter"). The loop announces the stop itself (announce)."""
         if self.received is not None:
-            log.error("second %s: exiting now, without a checkpoint", signal.Signals(signum).name)
+            os.write(2, f"second {signal.Signals(signum).name}: exiting now, without a checkpoint\n".encode())
             os._exit(128 + signum)
         self.received = signum
         if not self.deferring:
             raise Interrupted(signum, f"stopped by {self.name()} outside training: nothing to checkpoint")
-        log.warning("%s received: finishing this optimizer step, then checkpointing and stopping "
-                    "(send it again to exit at once)", signal.Signals(signum).name)
+
+    def announce(self) -> None:
+        """Called by the training loop after the checkpoint of the step in which a signal arrived."""
+        log.warning("%s received: stopped at the end of the optimizer step, with a checkpoint", self.name())
 
     def name(self) -> str:
         return signal.Signals(self.received).name if self.received else ""

@@ -163,8 +163,6 @@ def study_of(config: DictConfig) -> SharedStudy | None:
     sweeper = config.hydra.sweeper
     if not ("optuna" in str(sweeper.get("_target_", "")).lower() and sweeper.get("storage") and sweeper.get("study_name")):
         return None
-    from runner.optuna_sweeper import make_storage
-
     direction = sweeper.get("direction")
     directions = list(direction) if OmegaConf.is_list(direction) else [direction]
     return SharedStudy(make_storage(sweeper.storage), sweeper.study_name,
@@ -211,6 +209,18 @@ def record_failure(config: DictConfig, parent: dict[str, str], job_return: Any) 
     client.set_terminated(run.info.run_id, status="FAILED")
 
 
+def make_storage(url: str):
+    """An Optuna storage object from ``hydra.sweeper.storage``: a journal file or an RDB URL."""
+    import optuna
+
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:"):].removeprefix("//")).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    # pool_pre_ping: a worker that sat through a long trial finds its pooled connection dropped by the server
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
+
+
 def escape(value: str) -> str:
     return value.replace("'", "\\'")
 
@@ -246,8 +256,6 @@ def write_summary(config: DictConfig, parent_id: str):
 
 def write_trials_table(config: DictConfig, path: Path):
     import optuna
-
-    from runner.optuna_sweeper import make_storage
 
     sweeper = config.hydra.sweeper
     study = optuna.load_study(study_name=sweeper.study_name, storage=make_storage(sweeper.storage))

@@ -103,6 +103,7 @@ def fit(parts: LoopParts, state: TrainState, cfg: TrainConfig, events: Events, m
                     state.loss_sum = running.item()  # a host sync, only when checkpointing
                     where = events.checkpoint(state)
                     if STOP.received:
+                        STOP.announce()
                         raise Interrupted(STOP.received, f"stopped by {STOP.name()} at step {state.step}; checkpoint "
                                           f"{where}: run the same command again to resume")
                 bar.update(1)

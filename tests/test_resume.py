@@ -259,7 +259,7 @@ def test_a_signal_checkpoints_marks_the_run_killed_and_exits_128_plus_it(tmp_pat
     rest, _ = proc.communicate(timeout=120)
     out = "".join(lines) + rest
     assert proc.returncode == 128 + sig, out
-    assert f"{sig.name} received: finishing this optimizer step" in out
+    assert f"{sig.name} received: stopped at the end of the optimizer step, with a checkpoint" in out
     assert f"stopped by {sig.name} at step" in out and "run the same command again to resume" in out
     assert "Traceback" not in out
     assert list((tmp_path / "run" / "checkpoints").glob("step-*"))
@@ -269,7 +269,7 @@ def test_a_signal_checkpoints_marks_the_run_killed_and_exits_128_plus_it(tmp_pat
     assert json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"] == run.info.run_id
 
 
-def test_a_second_signal_exits_at_once(monkeypatch, caplog):
+def test_a_second_signal_exits_at_once(monkeypatch, capfd):
     """Standard signals sent back to back merge into one in the kernel, so the handler is driven directly."""
     from runner.signals import StopRequests
 
@@ -281,7 +281,7 @@ def test_a_second_signal_exits_at_once(monkeypatch, caplog):
         assert stop.received == signal.SIGTERM and exits == []
         stop.handle(signal.SIGINT, None)
     assert exits == [128 + signal.SIGINT]
-    assert "second SIGINT: exiting now, without a checkpoint" in caplog.text
+    assert "second SIGINT: exiting now, without a checkpoint" in capfd.readouterr().err
 
 
 def test_a_signal_outside_the_training_loop_stops_at_once():
