@@ -55,6 +55,12 @@ def crash_point(kind: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def nan_point(loss, step: int, rank: int):
+    """The loss, or NaN where ``RUNNER_NAN_AT=<rank>:<step>`` names this process and optimizer step: how the
+    tests make one process of a launched job diverge."""
+    return loss * float("nan") if os.environ.get("RUNNER_NAN_AT") == f"{rank}:{step}" else loss
+
+
 # ------------------------------------------------------------------------------------------------ write
 
 

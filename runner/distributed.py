@@ -114,8 +114,9 @@ class Strategy:
 
     def check(self, device: str, world: int) -> None:
         if self.needs_gpu and device != "gpu":
-            raise RunnerError(f"hardware={self.name} needs CUDA GPUs (DeepSpeed's engine); on CPU use hardware=ddp "
-                              f"under accelerate launch --cpu, or hardware=cpu")
+            raise RunnerError(f"hardware={self.name} needs CUDA GPUs (accelerate runs FSDP and DeepSpeed on CUDA only; "
+                              f"on CPU it would quietly train with plain DDP): on CPU use hardware=ddp under "
+                              f"accelerate launch --cpu, or hardware=cpu")
         if world > 1 and self.shards_state:
             # rank 0 saves the model and checkpoints from its own state: with shards that is a part of the
             # weights or optimizer state, a wrong artifact; gathering them (accelerator.get_state_dict on
@@ -158,6 +159,7 @@ class FSDP(Strategy):
     state_dict_type: str = "FULL_STATE_DICT"  # the saved model is one plain folder
     activation_checkpointing: bool = False
     name = "fsdp"
+    needs_gpu = True
     shards_state = True
 
     def accelerator_kwargs(self, grad_accum: int = 1, max_grad_norm: float = 0.0) -> dict:

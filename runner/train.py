@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from runner.checkpoint import crash_point
+from runner.checkpoint import crash_point, nan_point
 from runner.errors import TrainingDiverged
 from runner.schema import TrainConfig
 from runner.signals import STOP, Interrupted
@@ -85,7 +85,7 @@ def fit(parts: LoopParts, state: TrainState, cfg: TrainConfig, events: Events, m
                     parts.optimizer.step()
                     parts.scheduler.step()
                     parts.optimizer.zero_grad(set_to_none=True)
-                running += loss.detach() / cfg.grad_accum
+                running += nan_point(loss.detach(), state.step + 1, accelerator.process_index) / cfg.grad_accum
                 state.batch, state.samples = state.batch + 1, state.samples + len(batch["index"])
                 if not accelerator.sync_gradients:
                     continue

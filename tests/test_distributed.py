@@ -146,6 +146,8 @@ def test_every_hardware_preset_composes_into_its_strategy(make_run, preset):
         assert isinstance(plugin, FullyShardedDataParallelPlugin) and plugin.fsdp_version == 2
         with pytest.raises(RunnerError, match="sharded weights"):  # not a silently partial saved model
             strategy.check("gpu", 2)
+        with pytest.raises(RunnerError, match="quietly train with plain DDP"):
+            strategy.check("cpu", 2)
     else:
         assert isinstance(strategy, distributed.DeepSpeed) and strategy.zero_stage == int(preset[-1])
         with pytest.raises(RunnerError, match="needs CUDA GPUs"):
@@ -173,3 +175,18 @@ def test_multirun_under_a_launcher_is_refused(tiny_overrides, capsys, monkeypatc
     monkeypatch.setenv("RANK", "0")
     code, out = run_cli(["-m", *tiny_overrides, "train.lr=1e-3,2e-3"], capsys)
     assert code == 1 and "--multirun under a launcher" in out
+
+
+def test_a_nan_on_one_process_stops_every_process_with_one_message(tmp_path, tiny_overrides):
+    """Process 1 alone sees a NaN loss at step 2: the loss is averaged over processes before the check, so
+    both stop at step 2 with the same message, and the launch fails instead of hanging."""
+    cwd = tmp_path / "nan"
+    cwd.mkdir()
+    head = [ACCELERATE, "launch", "--cpu", "--num_processes", "2", "--main_process_port", "29518", "-m", "runner"]
+    args = [*job_args(tiny_overrides), f"tracking.uri=sqlite:///{cwd / 'mlflow.db'}", "train.batch_size=8"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "RUNNER_NAN_AT": "1:2"}
+    done = subprocess.run([*head, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert out.count("loss is nan at step 2") == 2, out[-3000:]  # rank 0 and rank 1, the same line
+    assert "metrics.json" not in {p.name for p in cwd.rglob("*")}
