@@ -69,7 +69,7 @@ class ResumableOptunaSweeper(OptunaSweeper):
         parallel = config.hydra.launcher.get("n_jobs")
         if parallel is not None:
             self.sweeper.n_jobs = parallel if parallel > 0 else os.cpu_count() or 1
-        self.budget = FailureBudget(self.sweeper.launcher, self.sweeper.max_failure_rate)
+        self.budget = FailureBudget(self.sweeper.launcher, self.sweeper.max_failure_rate, self.sweeper.n_trials)
         subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
         self.job_dirs = subdir == "${hydra.job.num}"  # conf/config.yaml's layout: <sweep dir>/<job number>
         self.config = config
@@ -270,8 +270,8 @@ def alive(pid) -> bool:
 class FailureBudget:
     """Wraps the launcher: counts failed trials over the whole search and stops it past the budget."""
 
-    def __init__(self, launcher, max_failure_rate: float) -> None:
-        self.launcher, self.max_failure_rate = launcher, max_failure_rate
+    def __init__(self, launcher, max_failure_rate: float, target: int) -> None:
+        self.launcher, self.max_failure_rate, self.target = launcher, max_failure_rate, target
         self.launched = self.failed = 0
 
     def launch(self, job_overrides, initial_job_idx: int):
@@ -280,9 +280,11 @@ class FailureBudget:
         returns = self.launcher.launch(job_overrides, initial_job_idx=initial_job_idx)
         self.launched += len(returns)
         self.failed += sum(r.status == JobStatus.FAILED for r in returns)
-        if self.launched >= MIN_TRIALS_BEFORE_ABORT and self.failed / self.launched > self.max_failure_rate:
+        if self.failed >= max(self.target, MIN_TRIALS_BEFORE_ABORT) or (
+                self.launched >= MIN_TRIALS_BEFORE_ABORT and self.failed / self.launched > self.max_failure_rate):
+            # the first test also ends a search whose max_failure_rate=1.0 would otherwise retry forever
             raise RunnerError(
-                f"{self.failed} of {self.launched} trials failed, more than hydra.sweeper.max_failure_rate="
-                f"{self.max_failure_rate}: stopping the search (the failed jobs' logs say why)"
+                f"{self.failed} of {self.launched} trials failed (hydra.sweeper.max_failure_rate={self.max_failure_rate}, "
+                f"n_trials={self.target}): stopping the search (the failed jobs' logs say why)"
             )
         return returns

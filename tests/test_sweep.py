@@ -191,9 +191,9 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(sweep):
     (sweep.dir / "conf" / "hparams_search" / "failing.yaml").write_text(FAILING_SEARCH.replace("STORAGE", storage))
     sweep(f"hydra.searchpath=[file://{sweep.dir / 'conf'}]", "hparams_search=failing")
     trials = optuna.load_study(study_name="failing", storage=storage).trials
-    assert len(trials) == 4
+    assert [t.state.name for t in trials].count("COMPLETE") == 4  # n_trials counts COMPLETE trials
     states = {(t.params["train.head_lr"] > 0, t.state.name) for t in trials}
-    assert states == {(False, "FAIL"), (True, "COMPLETE")}  # seed 1 draws -1.0 once, for trial 2
+    assert states == {(False, "FAIL"), (True, "COMPLETE")}  # seed 1 draws -1.0 for trial 2
     parents, kids = tree(sweep.uri)
     statuses = sorted(j.info.status for j in kids[parents[0].info.run_id])
     assert statuses == sorted("FAILED" if t.state.name == "FAIL" else "FINISHED" for t in trials)
@@ -237,3 +237,17 @@ def check_reports(uri, sweep_dir, parent, trials, kids) -> None:
             picture(fold_dir / "confusion-val.png")
             assert {"report/curves.png", "report/confusion-val.png"} <= listed(fold.info.run_id)
 
+
+
+@pytest.mark.slow
+def test_a_search_whose_every_trial_fails_stops_even_at_max_failure_rate_1(sweep):
+    """n_trials counts COMPLETE trials; with max_failure_rate=1.0 a search that can never complete one would
+    retry forever: it stops once as many trials as n_trials have failed."""
+    storage = f"sqlite:///{sweep.dir / 'optuna.db'}"
+    (sweep.dir / "conf" / "hparams_search").mkdir(parents=True)
+    search = FAILING_SEARCH.replace("STORAGE", storage).replace("choice(-1.0, 0.001, 0.01)", "choice(-1.0, -2.0)")
+    (sweep.dir / "conf" / "hparams_search" / "failing.yaml").write_text(search.replace("max_failure_rate: 0.5",
+                                                                                        "max_failure_rate: 1.0"))
+    out = sweep(f"hydra.searchpath=[file://{sweep.dir / 'conf'}]", "hparams_search=failing", expect_ok=False)
+    assert out.returncode == 1 and "4 of 4 trials failed" in out.stdout + out.stderr
+    assert [t.state.name for t in optuna.load_study(study_name="failing", storage=storage).trials] == ["FAIL"] * 4
