@@ -144,6 +144,7 @@ class ResumableOptunaSweeper(OptunaSweeper):
                 returns = self.budget.launch(overrides[start:end], initial_job_idx=batch[start].number)
             for trial, ret in zip(batch[start:end], returns):
                 trials.tell(trial, ret)
+            self.budget.check()  # after the tells: a stopped search leaves no trial RUNNING
             start = end
 
 
@@ -268,7 +269,7 @@ def alive(pid) -> bool:
 
 
 class FailureBudget:
-    """Wraps the launcher: counts failed trials over the whole search and stops it past the budget."""
+    """Wraps the launcher: counts failed trials over the whole search; ``check`` stops it past the budget."""
 
     def __init__(self, launcher, max_failure_rate: float, target: int) -> None:
         self.launcher, self.max_failure_rate, self.target = launcher, max_failure_rate, target
@@ -280,6 +281,9 @@ class FailureBudget:
         returns = self.launcher.launch(job_overrides, initial_job_idx=initial_job_idx)
         self.launched += len(returns)
         self.failed += sum(r.status == JobStatus.FAILED for r in returns)
+        return returns
+
+    def check(self) -> None:
         if self.failed >= max(self.target, MIN_TRIALS_BEFORE_ABORT) or (
                 self.launched >= MIN_TRIALS_BEFORE_ABORT and self.failed / self.launched > self.max_failure_rate):
             # the first test also ends a search whose max_failure_rate=1.0 would otherwise retry forever
@@ -287,4 +291,3 @@ class FailureBudget:
                 f"{self.failed} of {self.launched} trials failed (hydra.sweeper.max_failure_rate={self.max_failure_rate}, "
                 f"n_trials={self.target}): stopping the search (the failed jobs' logs say why)"
             )
-        return returns
