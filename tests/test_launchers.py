@@ -60,3 +60,39 @@ def test_a_two_job_sweep_runs_on_submitit_local(tmp_path, tiny_overrides):
     [parent] = [r for r in runs if r.data.tags.get("role") == "sweep"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
+
+
+@pytest.mark.slow
+def test_a_pre_empted_submitit_job_checkpoints_is_requeued_and_resumes(tmp_path, tiny_overrides):
+    """SIGUSR2 (what SLURM sends before pre-emption or the time limit) to a running submitit job: the runner
+    checkpoints, submitit requeues the job, and the requeued job resumes from that checkpoint to the end,
+    in the same folder and the same MLflow run."""
+    import time
+
+    import mlflow
+
+    keep = [a for a in tiny_overrides if not a.startswith(("output_dir=", "train.epochs="))]
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "-m", "hydra/launcher=submitit_local", *keep,
+                             "train.max_steps=600", "train.checkpoint_every=20", f"hydra.sweep.dir={sweep}"], cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 240
+    while not list((sweep / "0" / "checkpoints").glob("step-*")) and time.time() < deadline:
+        time.sleep(0.3)
+    job = subprocess.run(["pgrep", "-f", f"submitit.core._submit {sweep}"], capture_output=True, text=True).stdout.split()
+    assert job, "no submitit job process"
+    os.kill(int(job[0]), signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").glob("*/*_log.*"))
+    assert "SIGUSR2 received: stopped at the end of the optimizer step, with a checkpoint" in logs
+    assert "Requeued job" in logs and "resuming from" in logs
+    assert (sweep / "0" / "metrics.json").exists()
+    uri = next(a for a in keep if a.startswith("tracking.uri=")).split("=", 1)[1]
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id],
+                              filter_string="tags.job_num = '0'")
+    assert [r.info.status for r in runs] == ["FINISHED"]  # the requeued job went on with the same run
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 600
