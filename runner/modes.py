@@ -164,11 +164,15 @@ class Lora(Mode):
     def apply(self, encoder: nn.Module) -> nn.Module:
         from peft import LoraConfig, get_peft_model
 
+        # BERT-style built-in poolers are unused (runner.pooling replaces them): adapters there would never get
+        # a gradient, which DDP reports as an error ("parameters that were not used in producing loss")
+        unused = [n for n, m in encoder.named_modules() if n.split(".")[0] == "pooler" and isinstance(m, nn.Linear)]
         config = LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
             target_modules=self.targets_for(encoder),
+            exclude_modules=unused or None,
             bias="none",
         )
         if self.quantize:  # QLoRA: norms in fp32, inputs that carry gradients into the adapters

@@ -190,3 +190,28 @@ def test_a_nan_on_one_process_stops_every_process_with_one_message(tmp_path, tin
     assert done.returncode != 0
     assert out.count("loss is nan at step 2") == 2, out[-3000:]  # rank 0 and rank 1, the same line
     assert "metrics.json" not in {p.name for p in cwd.rglob("*")}
+
+
+def test_lora_leaves_the_unused_builtin_pooler_alone():
+    """BERT's built-in pooler is replaced by runner.pooling: LoRA on its `dense` layer would add weights that
+    never get a gradient, which DDP refuses ("parameters that were not used in producing loss")."""
+    from transformers import BertConfig, BertModel
+
+    from runner.modes import Lora
+
+    encoder = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=32))
+    trainable = [n for n, p in Lora(r=2).apply(encoder).named_parameters() if p.requires_grad]
+    assert trainable and not [n for n in trainable if ".pooler." in n]
+    assert any("attention.self.query.lora_A" in n for n in trainable)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["peft", "head_only"])
+def test_other_modes_train_on_two_processes(tmp_path, tiny_overrides, mode):
+    cwd = tmp_path / mode
+    cwd.mkdir()
+    launch([*job_args(tiny_overrides, f"mode={mode}", "train.epochs=1"), f"tracking.uri=sqlite:///{cwd / 'm.db'}"],
+           cwd, 2)
+    [folder] = run_folders(cwd)
+    assert json.loads((folder / "metrics.json").read_text())["metrics"]["val/accuracy"] > 0
