@@ -106,8 +106,9 @@ def test_lora_is_merged_into_the_onnx_graph_and_a_plain_folder(tmp_path, tokeniz
               "assert 'peft' not in sys.modules\n")
     out = subprocess.run([sys.executable, "-c", script, *columns[0][:5]], capture_output=True, text=True, check=True)
     plain = np.array(json.loads(out.stdout))
-    # merging rounds W + BA once in fp32: differences scale with the values (up to ~3 here)
-    np.testing.assert_allclose(plain, want["columns"][0][:5], rtol=1e-5, atol=1e-5)
+    # merging rounds W + BA once per layer in fp32, and the roundings travel through every later layer:
+    # a few 1e-5 on values of about 1 (the ONNX graph is held to 1e-4)
+    np.testing.assert_allclose(plain, want["columns"][0][:5], rtol=0, atol=5e-5)
 
 
 def test_export_bad_input(tmp_path, capsys):
