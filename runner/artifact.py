@@ -114,7 +114,9 @@ def task_settings(run: Run) -> dict:
     return {"task": type(run.task).__name__, "data_type": cfg.data.type.value,
             "joint": run.task.joint and cfg.data.type == DataType.pair, "threshold": cfg.task.threshold,
             "score_range": list(cfg.task.score_range) if cfg.task.score_range else None,
-            "similarity": cfg.task.similarity.value}
+            "similarity": cfg.task.similarity.value,
+            # training evaluated under this autocast: predict/evaluate use it too, to reproduce its metrics
+            "precision": run.precision}
 
 
 # Hub ids whose weights a Python package ships (offline use): a saved model refers to its base by the hub

@@ -28,6 +28,7 @@ class EvaluateConfig:
     model_dir: str = ""
     output_dir: str | None = None
     batch_size: int | None = None  # default: the training run's evaluation batch size (same batches)
+    precision: str = "auto"  # auto: the training run's evaluation precision (bf16 autocast if it used it), fp32, bf16
     split: str = "test"  # the metric prefix (test/accuracy, ...)
     progress: bool = True
     tracking: bool = True
@@ -93,7 +94,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     inputs, targets = labelled_inputs(folder, meta, trained, cfg.data, task.target)
     train = trained.get("train") or {}
     batch_size = cfg.batch_size or train.get("eval_batch_size") or 2 * train.get("batch_size", 32)
-    predictor = Predictor(folder)
+    predictor = Predictor(folder, precision=cfg.precision)
     outputs = predictor.run(inputs, batch_size, cfg.progress, embeddings=not task.has_head)
     columns = [outputs["head"]] if task.has_head else outputs["columns"]
     metrics, report = task.score(columns, task.scale_targets(targets), cfg.split, meta.get("labels") or [],

@@ -121,7 +121,7 @@ def export_merged(folder: Path, out: Path) -> Path:
         raise RunnerError(f"{folder} has no LoRA adapter to merge (its encoder is {meta.get('encoder')!r})")
     model.encoder = merged_encoder(model.encoder)
     config_yaml = (folder / "config.yaml").read_text() if (folder / "config.yaml").exists() else None
-    task = {k: meta.get(k) for k in ("task", "data_type", "joint", "threshold", "score_range", "similarity")}
+    task = {k: meta.get(k) for k in ("task", "data_type", "joint", "threshold", "score_range", "similarity", "precision")}
     save_model(out, model, tokenizer, meta["labels"], None, meta.get("text_prefix", ""), meta["max_length"],
                config_yaml, task=task)
     if (folder / "README.md").exists():

@@ -38,6 +38,7 @@ def execute(run: Run) -> float:
     accelerator = make_accelerator(cfg.hardware.device, cfg.precision.dtype, cfg.train.grad_accum, run.strategy,
                                    cfg.train.max_grad_norm)
     run.mode.check_device(accelerator.device.type)
+    run = dataclasses.replace(run, precision={"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision))
     if accelerator.num_processes > 1:  # one job on N processes: rank 0's run folder is the job's
         own, agreed = Path(cfg.output_dir), agree_on(cfg.output_dir, accelerator)
         if not accelerator.is_main_process:

@@ -40,6 +40,7 @@ class PredictConfig:
     top_k: int | None = None  # classifiers: only the k most likely classes in "probabilities"
     batch_size: int = 64
     backend: str = "torch"  # torch | onnx | onnx-int8 (after python -m runner.export ... format=onnx)
+    precision: str = "auto"  # auto: as training evaluated (bf16 autocast if it did), fp32 or bf16
     progress: bool = True
     tracking_uri: str | None = None  # where runs:/<id> is looked up (default: outputs/mlflow.db)
     data: dict = field(default_factory=dict)  # reading options over the training run's data.*
@@ -133,7 +134,7 @@ def read_inputs(folder: Path, meta: dict, cfg: PredictConfig) -> list[list[str]]
 class Predictor:
     """A saved model and what it outputs for raw inputs: one tokenization and batching path with training."""
 
-    def __init__(self, folder: Path, backend: str = "torch") -> None:
+    def __init__(self, folder: Path, backend: str = "torch", precision: str = "auto") -> None:
         from runner.artifact import load_model
         from runner.model import quiet_libraries
 
@@ -151,6 +152,15 @@ class Predictor:
             self.tokenizer, self.model = AutoTokenizer.from_pretrained(folder / "onnx"), None
         else:
             self.model, self.tokenizer, self.meta = load_model(folder)
+        # auto: the precision training evaluated in (bf16 autocast where precision=auto chose it), so that
+        # predictions reproduce the logged metrics; fp32 for full precision. ONNX graphs are fp32.
+        if precision not in ("auto", "fp32", "bf16"):
+            raise RunnerError(f"precision={precision!r}: choose auto (the training run's), fp32 or bf16")
+        trained = self.meta.get("precision", "fp32")
+        # this predictor runs on the CPU: fp16 (a GPU training's autocast) has no CPU counterpart, fp32 is closest
+        self.precision = (trained if trained == "bf16" else "fp32") if precision == "auto" else precision
+        if self.onnx is not None:
+            self.precision = "fp32"
 
     @property
     def has_head(self) -> bool:
@@ -189,6 +199,10 @@ class Predictor:
         """Head outputs (None without a head) and, if wanted, the pooled vector of each text column."""
         if self.onnx is not None:
             return self.onnx.forward(features, want_columns)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self.torch_forward(features, want_columns)
+
+    def torch_forward(self, features: list[dict], want_columns: bool):
         first = self.model.embed(features[0])
         head = self.model.head(first) if self.has_head else None
         pooled = [first, *(self.model.embed(f) for f in features[1:])] if want_columns else []
@@ -235,7 +249,7 @@ def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
     if cfg.top_k is not None and cfg.top_k < 1:
         raise RunnerError(f"top_k={cfg.top_k} must be at least 1")
     inputs = read_inputs(folder, meta, cfg)
-    predictor = Predictor(folder, cfg.backend)
+    predictor = Predictor(folder, cfg.backend, cfg.precision)
     outputs = predictor.run(inputs, cfg.batch_size, cfg.progress and cfg.text is None, cfg.embeddings)
     return predictor.records(outputs, cfg.top_k)
 

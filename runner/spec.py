@@ -43,6 +43,7 @@ class Run:
     parent_run_id: str | None = None  # the sweep's MLflow run, when this job is part of one
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (sweep id, job number, overrides)
     strategy: Strategy = field(default_factory=Single)  # how several processes share the model (hardware.strategy)
+    precision: str = "fp32"  # what precision=auto resolved to on this machine (fp32, bf16, fp16): saved with models
 
     def fingerprint(self) -> dict[str, str]:
         """The flattened config values that decide what is computed (a checkpoint must match them)."""

@@ -208,3 +208,26 @@ def test_head_only_model_names_its_base_instead_of_copying_it(tmp_path, toy_data
     (model / "runner_model.json").write_text(json.dumps({**meta, "base_weights_sha256": "0" * 64}))
     code, _, err = run_tool(predict_main, [f"model_dir={model}", "text=a fine film"], capsys)
     assert code == 1 and "has other weights than the ones it was trained on" in err
+
+
+def test_a_bf16_trained_model_predicts_under_the_same_autocast(make_run, toy_data, tmp_path, capsys):
+    """precision=bf16 (what precision=auto picks on CPUs with native bf16): training evaluated under bf16
+    autocast, so predict and evaluate do too by default and reproduce its metrics; precision=fp32 asks for
+    full precision, which gives slightly other scores."""
+    from runner.predict import Predictor
+
+    model, logged = trained(make_run, "precision=bf16", "train.epochs=2")
+    assert json.loads((model / "runner_model.json").read_text())["precision"] == "bf16"
+    out = tmp_path / "pred.jsonl"
+    code, _, err = run_tool(predict_main, [f"model_dir={model}", f"input={toy_data['test']}", f"output={out}",
+                                           "progress=false"], capsys)
+    assert code == 0, err
+    names = json.loads((model / "runner_model.json").read_text())["labels"]
+    truth = pd.read_csv(toy_data["test"])["label"].tolist()
+    probs = np.array([[r["probabilities"][str(n)] for n in names] for r in predictions(out)])
+    again = classification_metrics(np.log(probs), np.array([names.index(y) for y in truth]), "test")
+    assert again["test/loss"] == pytest.approx(logged["test/loss"], abs=1e-4)  # probabilities are rounded to 1e-6
+    check_evaluate(model, toy_data["test"], logged, tmp_path, capsys)
+    texts = [pd.read_csv(toy_data["test"])["text"].tolist()]
+    bf16, fp32 = Predictor(model).run(texts)["head"], Predictor(model, precision="fp32").run(texts)["head"]
+    assert 0 < np.abs(bf16 - fp32).max() < 0.1
