@@ -6,7 +6,8 @@ a fresh virtualenv per session would re-download torch, and a loose torch spec p
     nox -s lint     ruff
     nox -s bench    side by side, each contender its own process: fine-tuning against the Hugging Face Trainer,
                     head_only k-fold and runner.predict against SentenceTransformer.encode, peak RSS of a
-                    1M-row file; writes benchmarks/results.json and the README's performance tables
+                    1M-row file, 1 vs 2 CPU processes; writes benchmarks/results.json and the README's
+                    performance tables
 """
 
 import nox
@@ -36,4 +37,5 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_head_only.py")
     session.run("python", "benchmarks/bench_predict.py", "--backends", "torch,onnx")
     session.run("python", "benchmarks/bench_big_file.py")
+    session.run("python", "benchmarks/bench_processes.py")  # 1 vs 2 CPU processes (DDP, gloo)
     session.run("python", "benchmarks/readme_table.py")  # the README's performance tables from results.json
