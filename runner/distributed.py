@@ -56,7 +56,7 @@ def accelerate_cpu_processes() -> int:
         args, _ = launch_command_parser().parse_known_args(argv[at + 1 :])
     except SystemExit:
         return 1
-    return int(args.num_processes or 1) * int(args.num_machines or 1) if (args.num_machines or 1) == 1 else 1
+    return int(args.num_processes or 1) if int(args.num_machines or 1) == 1 else 1  # several machines: mpirun's job
 
 
 def cpu_relaunch(argv: list[str]) -> list[str] | None:

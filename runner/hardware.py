@@ -52,6 +52,11 @@ def resolve_precision(precision: Precision, device: str) -> tuple[str, str]:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision.value], f"precision={precision.value} as set"
 
 
+def precision_name(mixed_precision: str) -> str:
+    """fp32, bf16 or fp16 for accelerate's ``mixed_precision`` ("no", "bf16", "fp16")."""
+    return {"no": "fp32"}.get(mixed_precision, mixed_precision)
+
+
 def make_accelerator(device: Device, precision: Precision, grad_accum: int, strategy: Strategy | None = None,
                      max_grad_norm: float = 0.0):
     from accelerate import Accelerator
@@ -61,17 +66,17 @@ def make_accelerator(device: Device, precision: Precision, grad_accum: int, stra
     where = resolve_device(device)
     strategy.check(where, launched_rank()[1])
     mixed, why = resolve_precision(precision, where)
-    # The runner shards its batches itself (runner.batching.ShardedBatches); split_batches tells accelerate
-    # so, which makes its scheduler wrapper step once per optimizer step instead of once per process.
     # accelerate keeps its state per process; one process runs several jobs (a sweep's basic launcher, tests),
     # each with its own precision and accumulation. The process group (PartialState) stays.
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state()
     GradientState._reset_state()
+    # The runner shards its batches itself (runner.batching.ShardedBatches); split_batches tells accelerate
+    # so, which makes its scheduler wrapper step once per optimizer step instead of once per process.
     accelerator = Accelerator(cpu=where == "cpu", mixed_precision=mixed, gradient_accumulation_steps=grad_accum,
                               dataloader_config=DataLoaderConfiguration(split_batches=True),
                               **strategy.accelerator_kwargs(grad_accum, max_grad_norm))
     processes = f", {accelerator.num_processes} processes ({strategy.name})" if accelerator.num_processes > 1 else ""
-    log.info("device: %s, precision: %s (%s)%s", where, {"no": "fp32"}.get(mixed, mixed), why, processes)
+    log.info("device: %s, precision: %s (%s)%s", where, precision_name(mixed), why, processes)
     return accelerator

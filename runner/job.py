@@ -19,7 +19,7 @@ from runner.data import Dataset, load_dataset
 from runner.distributed import agree_on
 from runner.errors import RunnerError
 from runner.experiment import FitResult, fit_and_evaluate, job_features, resume_point, uses_frozen_features
-from runner.hardware import make_accelerator
+from runner.hardware import make_accelerator, precision_name
 from runner.model import check_model, load_tokenizer, quiet_libraries
 from runner.report import run_report
 from runner.schema import DataConfig
@@ -38,7 +38,7 @@ def execute(run: Run) -> float:
     accelerator = make_accelerator(cfg.hardware.device, cfg.precision.dtype, cfg.train.grad_accum, run.strategy,
                                    cfg.train.max_grad_norm)
     run.mode.check_device(accelerator.device.type)
-    run = dataclasses.replace(run, precision={"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision))
+    run = dataclasses.replace(run, precision=precision_name(accelerator.mixed_precision))
     if accelerator.num_processes > 1:  # one job on N processes: rank 0's run folder is the job's
         own, agreed = Path(cfg.output_dir), agree_on(cfg.output_dir, accelerator)
         if not accelerator.is_main_process:

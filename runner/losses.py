@@ -168,7 +168,7 @@ class CoSENT(PairLoss):
     def compute(self, a, b, labels):
         s = paired_similarity(a, b, self.similarity) * self.scale
         if self.gather:  # every process ranks all pairs of the job's batch (see MultipleNegativesRanking.compute)
-            s, labels = gather_rows(s), gather_rows(labels)
+            s, labels = gather_rows(s), gather_ids(labels)
         diff = s[None, :] - s[:, None]  # diff[i, j] = s_j - s_i
         diff = diff[labels[:, None] > labels[None, :]]  # only where pair i should rank above pair j
         return torch.logsumexp(torch.cat([torch.zeros(1, device=s.device), diff]), dim=0)

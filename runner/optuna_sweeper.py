@@ -113,12 +113,10 @@ class ResumableOptunaSweeper(OptunaSweeper):
                     continue
                 overrides = list(impl._configure_trials(batch, space, fixed_params, fixed_overrides))
                 self.launch(trials, batch, overrides)
-        except ValueError as err:
-            if "No trials are completed" in str(err):
-                raise RunnerError(f"no trial of study {impl.study_name!r} completed: see the failed jobs' logs") from err
-            raise
         finally:
             trials.stop()
+        if not done and impl.n_trials <= 0:  # the loop ends with n_trials >= 1 COMPLETE trials, else nothing ran
+            raise RunnerError(f"hydra.sweeper.n_trials={impl.n_trials}: study {impl.study_name!r} has no COMPLETE trial")
         best = study.best_trial
         log.info("best of %s: %s = %s", impl.study_name, best.params, best.value)
         OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value}),

@@ -43,7 +43,7 @@ def main() -> None:
     from runner.distributed import cpu_relaunch, launched_rank
     from runner.errors import RunnerError
 
-    rank, world = launched_rank()
+    world = launched_rank()[1]
     if world > 1 and {"-m", "--multirun"} & set(sys.argv[1:]):
         print(f"error: --multirun under a launcher ({world} processes) would run every sweep job on every process: "
               f"run the sweep without the launcher, or launch each job on its own", file=sys.stderr)

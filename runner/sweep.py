@@ -101,7 +101,7 @@ class MLflowSweepCallback(Callback):
         study = None
         if results.exists():
             self.tracker.log_artifact(results)
-            study = write_trials_table(config, sweep_dir / "trials.csv")
+            study = write_trials_table(self.study, sweep_dir / "trials.csv")
             self.tracker.log_artifact(sweep_dir / "trials.csv")
         if table is not None and len(table):
             from runner.report import sweep_report
@@ -221,10 +221,6 @@ def make_storage(url: str):
     return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
 
 
-def escape(value: str) -> str:
-    return value.replace("'", "\\'")
-
-
 def write_summary(config: DictConfig, parent_id: str):
     """summary.csv in the sweep folder and on the parent run: one row per job, best objective first."""
     import mlflow
@@ -254,10 +250,9 @@ def write_summary(config: DictConfig, parent_id: str):
     return table
 
 
-def write_trials_table(config: DictConfig, path: Path):
+def write_trials_table(shared: SharedStudy, path: Path):
     import optuna
 
-    sweeper = config.hydra.sweeper
-    study = optuna.load_study(study_name=sweeper.study_name, storage=make_storage(sweeper.storage))
+    study = optuna.load_study(study_name=shared.name, storage=shared.storage)
     study.trials_dataframe().to_csv(path, index=False)
     return study

@@ -13,8 +13,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_mlflow_model import wait_for
-from tests.test_sweep_workers import free_port
+from tests.test_mlflow_model import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
