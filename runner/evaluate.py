@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.errors import DataError, RunnerError
-from runner.predict import Predictor, parse_args, reading_config, resolve_model_dir
+from runner.predict import Predictor, check_writable, parse_args, reading_config, resolve_model_dir
 
 log = logging.getLogger("runner")
 
@@ -38,10 +38,9 @@ class EvaluateConfig:
 
 
 def training_config(folder: Path) -> dict:
-    from omegaconf import OmegaConf
+    from runner import trust
 
-    path = folder / "config.yaml"
-    return OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else {}
+    return trust.read_saved_config(folder)
 
 
 def labelled_inputs(folder: Path, meta: dict, trained: dict, overrides: dict, target: str):
@@ -81,19 +80,27 @@ def saved_codes(meta: dict, trained: dict) -> list:
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from runner.artifact import read_meta
     from runner.schema import DataType, TaskConfig
     from runner.tasks import make_task
 
+    if cfg.output_dir:
+        check_writable(cfg.output_dir, "folder", "output_dir")
     folder = resolve_model_dir(cfg.model_dir, cfg.tracking_uri)
     meta = read_meta(folder)
     trained = training_config(folder)
-    task_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig), trained.get("task") or {}))
+    try:
+        task_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig), trained.get("task") or {}))
+    except (OmegaConfBaseException, ValueError) as err:
+        raise RunnerError(f"{folder}/config.yaml: its task settings are not valid ({str(err).splitlines()[0]})") from err
     task = make_task(DataType(meta.get("data_type", "single")), task_cfg)
     inputs, targets = labelled_inputs(folder, meta, trained, cfg.data, task.target)
     train = trained.get("train") or {}
-    batch_size = cfg.batch_size or train.get("eval_batch_size") or 2 * train.get("batch_size", 32)
+    saved = [v for v in (train.get("eval_batch_size"), 2 * train["batch_size"] if type(train.get("batch_size")) is int else None)
+             if type(v) is int and v >= 1]
+    batch_size = cfg.batch_size or (saved[0] if saved else 64)
     predictor = Predictor(folder, precision=cfg.precision)
     outputs = predictor.run(inputs, batch_size, cfg.progress, embeddings=not task.has_head)
     columns = [outputs["head"]] if task.has_head else outputs["columns"]

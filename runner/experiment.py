@@ -19,7 +19,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from runner import batching, checkpoint
 from runner.data import Dataset
 from runner.distill import Distillation, make_teacher
-from runner.errors import RunnerError
+from runner.errors import RunnerError, TrainingDiverged
 from runner.features import FrozenFeatures
 from runner.model import TextModel, VectorModel, load_encoder
 from runner.schema import DataType, Direction
@@ -127,9 +127,23 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
         evaluate(state.step, again)
     metrics = {k: v for _, values, _ in last.values() for k, v in values.items()}
     reports = {split: report for split, (_, _, report) in last.items() if report}
+    check_finite(metrics, accelerator.unwrap_model(model), state.step)
     if accelerator.is_main_process and not train_cfg.keep_checkpoints_after_run:
         shutil.rmtree(roots, ignore_errors=True)  # the saved model is what a finished run keeps
     return FitResult(accelerator.unwrap_model(model), metrics, reports, state.best_step, state.step, state.best)
+
+
+def check_finite(metrics: dict[str, float], model: torch.nn.Module, step: int) -> None:
+    """The final weights and every final metric must be finite: a model that diverged after its last logged
+    loss (or whose outputs are all NaN) is never saved, logged as a result or used to predict."""
+    bad = sorted(k for k, v in metrics.items() if v is None or not math.isfinite(v))
+    if bad:
+        raise TrainingDiverged(f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite after step {step}: the "
+                               f"model diverged and is not saved; lower train.lr or use precision=fp32")
+    for name, weight in model.named_parameters():
+        if not torch.isfinite(weight).all():
+            raise TrainingDiverged(f"weight {name} holds NaN or infinite values after step {step}: the model diverged "
+                                   f"and is not saved; lower train.lr or use precision=fp32")
 
 
 def dataset_of(run: Run, split, tokenizer, frozen: FrozenFeatures | None):

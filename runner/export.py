@@ -139,8 +139,10 @@ def main(argv: list[str] | None = None) -> None:
         folder = resolve_model_dir(cfg.model_dir, cfg.tracking_uri)
         from runner.artifact import read_meta
         from runner.model import quiet_libraries
+        from runner.predict import check_writable
 
         read_meta(folder)
+        check_writable(cfg.output or folder / cfg.format, "folder", "output")
         quiet_libraries()
         if cfg.format == "onnx":
             export_onnx(folder, Path(cfg.output or folder / "onnx"), cfg.opset, cfg.quantize)

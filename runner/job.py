@@ -25,7 +25,7 @@ from runner.report import run_report
 from runner.schema import DataConfig
 from runner.signals import STOP
 from runner.spec import Run
-from runner.tracking import Tracker, default_uri, make_mirrors
+from runner.tracking import Tracker, check_backends, default_uri, make_mirrors
 
 log = logging.getLogger("runner")
 
@@ -69,11 +69,16 @@ def execute(run: Run) -> float:
         if k_fold:
             raise RunnerError(f"train.resume={cfg.train.resume} names one checkpoint, but a k-fold job has one per "
                               f"fold: give the run folder of the interrupted job instead")
-        resume_point(cfg.train.resume, out / "checkpoints")
+        named = resume_point(cfg.train.resume, out / "checkpoints")
+        if named is not None and accelerator.is_main_process:  # a changed config is an input error: before MLflow
+            runfolder.check_checkpoint(named, run.fingerprint())
     tokenizer = None  # given embeddings need no tokenizer and no encoder
     if data.train.vectors is None:
         tokenizer = load_tokenizer(cfg.model)
         check_model(cfg.model, len(tokenizer), run.mode, run.make_pooling().layers)
+    check_teacher(cfg.distill.teacher)
+    if cfg.tracking.enabled and accelerator.is_main_process:
+        check_backends(cfg.tracking.backends)
     tracker = open_tracker(run, out, accelerator.is_main_process)
     STOP.install()
     try:
@@ -83,6 +88,23 @@ def execute(run: Run) -> float:
         STOP.uninstall()
         if (out / "runner.log").exists():  # the job's log beside its metrics, whatever the outcome
             tracker.log_artifact(out / "runner.log")
+
+
+def check_teacher(teacher: str | None) -> None:
+    """A distillation teacher that cannot load is an input error, found before the MLflow run opens."""
+    if teacher in (None, "self"):
+        return
+    from runner.artifact import read_meta
+    from runner.model import load_config, looks_like_path
+    from runner.schema import ModelConfig
+
+    if os.path.isfile(os.path.join(teacher, "runner_model.json")):
+        read_meta(Path(teacher))  # checked as data, like any shared folder
+    elif looks_like_path(teacher) and not os.path.isdir(os.path.expanduser(teacher)):
+        raise RunnerError(f"distill.teacher={teacher}: no such folder (a runner model folder, a model folder or a hub "
+                          f"id)")
+    else:
+        load_config(ModelConfig(name_or_path=teacher), 0)  # the hub id or folder resolves, without loading weights
 
 
 def train_and_report(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tracker, out: Path) -> float:
@@ -130,7 +152,7 @@ def open_tracker(run: Run, out: Path, main_process: bool) -> Tracker:
     resume_id = runfolder.previous_run_id(out) if cfg.train.resume != "never" else None
     tracker.start(name, tags=tags, parent_id=run.parent_run_id, resume_id=resume_id)
     if main_process:
-        runfolder.record_run_id(out, tracker.run_id)
+        runfolder.record_run_id(out, tracker.run_id, run.config_hash())
     return tracker
 
 

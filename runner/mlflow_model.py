@@ -10,6 +10,9 @@ example), so that
 answers with what ``runner.predict`` writes for those rows. ``tracking.register=<name>`` also registers
 it in the Model Registry. Input columns: ``text`` (and ``text_pair`` for pair models), or ``embedding``
 for a head on given embeddings; ``embeddings: true`` in the request's params adds the vectors.
+
+The logged model holds no pickle: MLflow's models-from-code logs ``runner/pyfunc_entry.py`` (three lines that
+build :class:`RunnerModel`) and the runner folder as an artifact, which loads as data (runner.trust).
 """
 
 from __future__ import annotations
@@ -71,7 +74,8 @@ def log_pyfunc(client, run_id: str, folder: Path, register: str | None = None) -
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model"
         # requirements given, not inferred: inference loads the model in a subprocess (about 8 s a job)
-        mlflow.pyfunc.save_model(path, python_model=RunnerModel(), artifacts={"runner_model": str(folder)},
+        # models-from-code: the model is runner/pyfunc_entry.py plus the folder, no pickled Python object
+        mlflow.pyfunc.save_model(path, python_model=str(Path(__file__).with_name("pyfunc_entry.py")), artifacts={"runner_model": str(folder)},
                                  signature=signature, input_example=example, pip_requirements=requirements())
         client.log_artifacts(run_id, str(path), "model")
     if register:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,14 +12,24 @@ from torch import nn
 from runner.errors import RunnerError
 from runner.pooling import Pooling
 from runner.schema import ModelConfig
+from runner.trust import check_weights
 
 
 def quiet_libraries() -> None:
-    """No per-file progress bars from transformers: the run's own bar and log lines are the output."""
+    """No per-file progress bars from transformers, no INFO notes or style advice from MLflow: the run's own
+    bar and log lines are the output, and a successful run ends on its metrics (new users read any library
+    warning after them as a problem)."""
+    import logging
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # and if it already was
+    # the pyfunc model declares its signature explicitly (runner.mlflow_model): type hints would add nothing
+    warnings.filterwarnings("ignore", message=r"(?s).*Add type hints to the `predict` method")
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -65,7 +76,8 @@ def load_config(cfg: ModelConfig, vocab_size: int):
     try:
         return AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     except (OSError, ValueError) as err:
-        raise RunnerError(f"could not load the model '{name}': {first_line(err)}") from err
+        where = "" if looks_like_path(name) else f" (no folder {os.path.abspath(name)} here, so it was taken as a Hub id)"
+        raise RunnerError(f"could not load the model '{name}'{where}: {first_line(err)}") from err
 
 
 def looks_like_path(name: str) -> bool:
@@ -103,6 +115,13 @@ def check_model(cfg: ModelConfig, vocab_size: int, mode, layers) -> None:
         raise RunnerError(f"model.max_length={cfg.max_length} but this encoder takes at most {limit} tokens: "
                           f"set model.max_length to {limit} or less")
     check_layers(layers, config.num_hidden_layers + 1)
+    rows = getattr(config, "vocab_size", None)
+    if not cfg.random_init and rows and vocab_size > rows:  # ids past the table: an IndexError mid-run
+        raise RunnerError(f"the tokenizer of '{cfg.tokenizer or cfg.name_or_path}' has {vocab_size:,} tokens but the "
+                          f"encoder '{cfg.name_or_path}' has {rows:,} embedding rows: use the model's own tokenizer "
+                          f"(model.tokenizer=null) or one whose vocabulary fits")
+    if not cfg.random_init and os.path.isdir(os.path.expanduser(cfg.name_or_path)):
+        check_weights(Path(os.path.expanduser(cfg.name_or_path)), "model")
     with torch.device("meta"):  # module names and shapes only: no memory, no weights read
         skeleton = AutoModel.from_config(config, trust_remote_code=cfg.trust_remote_code)
     mode.check(skeleton)
@@ -122,11 +141,13 @@ def load_encoder(cfg: ModelConfig, vocab_size: int, options: dict | None = None)
         raise RunnerError("model.name_or_path must name a local folder or a hub id (or set model.random_init)")
     else:
         try:
-            encoder = AutoModel.from_pretrained(
-                cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, **(options or {})
+            encoder = AutoModel.from_pretrained(  # safetensors only: pickled weights can run code when loaded
+                cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision, use_safetensors=True,
+                **(options or {})
             )
         except OSError as err:
-            raise RunnerError(f"could not load the model '{cfg.name_or_path}': {first_line(err)}") from err
+            raise RunnerError(f"could not load the model '{cfg.name_or_path}': {first_line(err)} (the runner reads "
+                              f"safetensors weights only)") from err
     # BERT-style built-in poolers (dense + tanh on [CLS]) are unused: our pooling replaces them. Frozen,
     # they get no optimizer state and DDP does not wait for gradients that never come.
     if isinstance(getattr(encoder, "pooler", None), nn.Module):

@@ -132,6 +132,33 @@ class WeightedLayerPooling(MeanPooling):
         return torch.einsum("l,blh->bh", weights, frozen_part(features, 0))
 
 
+# What a saved folder may name as its pooling: the exact names ``describe`` writes, looked up in this table
+# (never resolved as a dotted path: a folder is data, and a walk through modules would reach any callable).
+POOLINGS: dict[str, type[Pooling]] = {
+    f"runner.pooling.{cls.__name__}": cls
+    for cls in (MeanPooling, MaxPooling, ClsPooling, LastTokenPooling, WeightedLayerPooling)
+}
+
+
+def pooling_from_spec(spec: dict, where: str) -> Pooling:
+    """The pooling a saved folder describes (``describe``'s dict), built from this module's own classes with
+    only their known arguments, checked for type; anything else is refused naming ``where``."""
+    from runner.errors import RunnerError
+
+    spec = dict(spec) if isinstance(spec, dict) else {}
+    target = spec.pop("_target_", None)
+    cls = POOLINGS.get(target) if isinstance(target, str) else None
+    if cls is None:
+        raise RunnerError(f"{where}: unknown pooling {str(target)[:200]!r}; this runner offers "
+                          f"{', '.join(sorted(POOLINGS))}")
+    unknown = set(spec) - {"layers", "normalize"}
+    layers, normalize = spec.get("layers", [-1]), spec.get("normalize", False)
+    if unknown or not isinstance(normalize, bool) or not isinstance(layers, list) or not layers \
+            or len(layers) > 1024 or not all(type(i) is int for i in layers):
+        raise RunnerError(f"{where}: pooling arguments {str(spec)[:200]} are not a list of layer indices and a normalize flag")
+    return cls(layers=layers, normalize=normalize)
+
+
 def frozen_layout(hidden_states: Sequence[torch.Tensor], mask: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
     """What a frozen encoder's output is kept as, per text: (batch, 3 * len(layers) + 1, hidden) =
     the token mean, first and last real token of each chosen layer, then the token maximum of the chosen

@@ -62,7 +62,22 @@ def parse_args(argv: list[str], schema: type = PredictConfig):
     out = OmegaConf.to_object(cfg)
     if not out.model_dir:
         raise RunnerError("model_dir is required: the model/ folder of a run, or runs:/<mlflow run id>")
+    if getattr(out, "batch_size", None) is not None and out.batch_size < 1:
+        raise RunnerError(f"batch_size={out.batch_size} must be at least 1")
     return out
+
+
+def check_writable(path: str | Path, kind: str, key: str) -> None:
+    """``path`` (a file or folder to be written) can be written: checked before any work, not after it."""
+    import os
+
+    path = Path(path)
+    if path.exists() and (path.is_dir() != (kind == "folder")):
+        raise RunnerError(f"{key}={path} is {'a folder' if path.is_dir() else 'a file'}: give a {kind} path")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise RunnerError(f"{key}={path}: cannot write there ({parent} is {'not writable' if parent.is_dir() else 'a file'}"
+                          f"): choose a writable place")
 
 
 def resolve_model_dir(model_dir: str, tracking_uri: str | None) -> Path:
@@ -90,13 +105,22 @@ def reading_config(folder: Path, meta: dict, input_path: str, overrides: dict):
     """The training run's data reading options (its config.yaml), the input as the file, user overrides."""
     from omegaconf import OmegaConf
 
+    from runner import trust
     from runner.schema import DataConfig
 
-    saved = OmegaConf.load(folder / "config.yaml").get("data", {}) if (folder / "config.yaml").exists() else {}
-    keep = {k: v for k, v in OmegaConf.to_container(saved).items()
+    saved = trust.read_saved_config(folder).get("data") or {}
+    if not isinstance(saved, dict):
+        raise RunnerError(f"{folder}/config.yaml: data is not a mapping of reading options")
+    keep = {k: v for k, v in saved.items()
             if k not in ("train", "validation", "test", "hub", "split_field", "split_values", "max_train_samples",
                          "train_embeddings", "validation_embeddings", "test_embeddings", "label_names")}
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), keep, overrides, {"train": input_path}))
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        saved_options = OmegaConf.merge(OmegaConf.structured(DataConfig), keep)
+    except (OmegaConfBaseException, ValueError) as err:
+        raise RunnerError(f"{folder}/config.yaml: its data options are not valid ({str(err).splitlines()[0]})") from err
+    return OmegaConf.to_object(OmegaConf.merge(saved_options, overrides, {"train": input_path}))
 
 
 def read_inputs(folder: Path, meta: dict, cfg: PredictConfig) -> list[list[str]] | np.ndarray:
@@ -145,11 +169,13 @@ class Predictor:
         if backend.startswith("onnx"):  # the exported graph and its tokenizer: no PyTorch model is built
             from transformers import AutoTokenizer
 
+            from runner import trust
             from runner.onnx_model import OnnxModel
 
             self.onnx = OnnxModel(folder, "model.int8.onnx" if backend == "onnx-int8" else "model.onnx")
-            self.meta = json.loads((folder / "onnx" / "runner_model.json").read_text())
-            self.tokenizer, self.model = AutoTokenizer.from_pretrained(folder / "onnx"), None
+            self.meta = trust.check_meta(trust.read_json(folder / "onnx" / "runner_model.json"), folder)
+            self.tokenizer = AutoTokenizer.from_pretrained(folder / "onnx", trust_remote_code=False)
+            self.model = None
         else:
             self.model, self.tokenizer, self.meta = load_model(folder)
         # auto: the precision training evaluated in (bf16 autocast where precision=auto chose it), so that
@@ -248,6 +274,8 @@ def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
     meta = read_meta(folder)
     if cfg.top_k is not None and cfg.top_k < 1:
         raise RunnerError(f"top_k={cfg.top_k} must be at least 1")
+    if cfg.output:
+        check_writable(cfg.output, "file", "output")
     inputs = read_inputs(folder, meta, cfg)
     predictor = Predictor(folder, cfg.backend, cfg.precision)
     outputs = predictor.run(inputs, cfg.batch_size, cfg.progress and cfg.text is None, cfg.embeddings)
@@ -255,7 +283,11 @@ def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
 
 
 def write_jsonl(rows: list[dict], output: str | None) -> None:
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    try:  # bare NaN is not JSON: a non-finite output is an error, never a line other tools cannot read
+        lines = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
+    except ValueError as err:
+        raise RunnerError("the model gave a non-finite output (NaN or inf) for some input: check the model and "
+                          "the input") from err
     if output is None:
         sys.stdout.write(lines)
         return

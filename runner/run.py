@@ -8,7 +8,6 @@ mlflow) wait until Hydra has composed, so config errors are reported at once.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 import os
 import sys
@@ -52,6 +51,12 @@ def main() -> None:
     if relaunch:  # `accelerate launch --cpu --num_processes N` started one process: become the N it asked for
         os.execv(relaunch[0], relaunch)
     sys.argv = [sys.argv[0], *cli.quote_raw_values(sys.argv[1:])]
+    if cli.implied_multirun(sys.argv[1:], CONF_DIR):  # e.g. experiment=trec_kfold_search: a search, no -m needed
+        sys.argv.insert(1, "--multirun")
+    problems = cli.override_problems(sys.argv[1:])
+    if problems:
+        print(f"error: {'; '.join(problems)}", file=sys.stderr)
+        sys.exit(RunnerError.exit_code)
     hydra_main()
 
 
@@ -69,6 +74,7 @@ def hydra_main(cfg: DictConfig) -> float:
 
     hydra_cfg = HydraConfig.get()
     single = hydra_cfg.mode == RunMode.RUN
+    run = None
     try:
         from runner.job import execute
 
@@ -76,6 +82,8 @@ def hydra_main(cfg: DictConfig) -> float:
         run = build_run(cfg, dict(hydra_cfg.runtime.choices))
         if not single:
             attach_to_sweep(run, hydra_cfg)
+        elif default_layout(run, hydra_cfg):
+            run = continue_unfinished(run)
         return execute(run)
     except RunnerError as err:
         log.error("error: %s", err)
@@ -84,8 +92,39 @@ def hydra_main(cfg: DictConfig) -> float:
             sys.exit(err.exit_code)
         raise  # in a sweep the launcher records the job as failed and goes on
     except (Interrupted, KeyboardInterrupt) as stop:
-        log.error("%s", stop if isinstance(stop, Interrupted) else "interrupted (Ctrl-C) before training started")
+        if not isinstance(stop, Interrupted):
+            log.error("interrupted (Ctrl-C) before training started")
+        elif single:
+            from runner.runfolder import resume_command
+
+            log.error("%s; to resume: %s", stop, resume_command(Path(run.cfg.output_dir)))
+        else:
+            log.error("%s; run the same sweep command again to resume", stop)
         sys.exit(getattr(stop, "exit_code", 130))
+
+
+def default_layout(run: Run, hydra_cfg) -> bool:
+    """A single run in Hydra's own timestamped folder (no hydra.run.dir or output_dir given), one process."""
+    from runner.distributed import launched_rank
+
+    named = any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra)
+    return (not named and run.cfg.output_dir == hydra_cfg.runtime.output_dir and run.cfg.train.resume == "auto"
+            and launched_rank()[1] <= 1)
+
+
+def continue_unfinished(run: Run) -> Run:
+    """``train.resume=auto`` in the default layout: the newest unfinished run of the same config goes on in its
+    own folder and MLflow run (so the same command resumes an interrupted run); else this new folder."""
+    from runner import runfolder
+
+    own = Path(run.cfg.output_dir)
+    earlier = runfolder.newest_unfinished(own, run.config_hash())
+    if earlier is None:
+        return run
+    log.info("continuing the unfinished run of the same config in %s (train.resume=never starts a new one)", earlier)
+    runfolder.move_log(own, earlier)
+    runfolder.remove_if_unused(own)
+    return dataclasses.replace(run, cfg=dataclasses.replace(run.cfg, output_dir=str(earlier)))
 
 
 def quiet_other_ranks() -> None:
@@ -151,17 +190,6 @@ def build_run(cfg: DictConfig, choices: dict[str, str]) -> Run:
     )
 
 
-# What users of the Hugging Face Trainer type, and the runner's name for it.
-TRAINER_NAMES = {
-    "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "per_device_train_batch_size":
-    "batch_size", "train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
-    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler", "warmup": "warmup_ratio",
-    "eval_steps": "eval_every", "logging_steps": "log_every", "save_steps": "checkpoint_every",
-    "save_total_limit": "keep_checkpoints", "resume_from_checkpoint": "resume", "model_name_or_path": "name_or_path",
-    "max_seq_length": "max_length", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
-}
-
-
 def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
     """Keys the typed schemas do not have. ``+train.learning_rate=1e-3`` (what Hydra suggests for a
     misspelled key) adds one even to a typed node; the runner would ignore it, so it is an error."""
@@ -171,10 +199,7 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
     for key in node.keys():
         name = f"{prefix}{key}"
         if allowed is not None and key not in allowed:
-            close = [TRAINER_NAMES[key]] if TRAINER_NAMES.get(key) in allowed else \
-                difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            hint = f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(sorted(allowed))}"
-            problems.append(f"unknown key {name} ({hint})")
+            problems.append(f"unknown key {name} ({cli.suggestion(str(key), sorted(allowed), prefix)})")
             continue
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():

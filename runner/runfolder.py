@@ -72,8 +72,19 @@ def check_checkpoints(out: Path, fingerprint: dict[str, str]) -> None:
     for root in [out / "checkpoints", *sorted((out / "folds").glob("fold-*/checkpoints"))]:
         found = checkpoint.find_latest(root)
         if found is not None:
-            saved = json.loads((found / "state.json").read_text()).get("fingerprint", {})
-            checkpoint.check_fingerprint(found, saved, fingerprint)
+            check_checkpoint(found, fingerprint)
+
+
+def check_checkpoint(found: Path, fingerprint: dict[str, str]) -> None:
+    """One checkpoint against this run's config fingerprint (its state.json read as capped, checked data)."""
+    from runner import checkpoint, trust
+    from runner.errors import RunnerError
+
+    document = trust.read_json(found / "state.json", limit=64 << 20)
+    saved = document.get("fingerprint") if isinstance(document, dict) else None
+    if not isinstance(saved, dict):
+        raise RunnerError(f"checkpoint {found}: state.json is not a runner checkpoint state")
+    checkpoint.check_fingerprint(found, saved, fingerprint)
 
 
 def is_run_folder(path: Path) -> bool:
@@ -110,10 +121,49 @@ def previous_run_id(folder: Path) -> str | None:
     return json.loads(path.read_text()).get("run_id") if path.exists() else None
 
 
-def record_run_id(folder: Path, run_id: str | None) -> None:
+def record_run_id(folder: Path, run_id: str | None, config_hash: str | None = None) -> None:
     if run_id:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / MLFLOW_FILE).write_text(json.dumps({"run_id": run_id}))
+        (folder / MLFLOW_FILE).write_text(json.dumps({"run_id": run_id, "config_hash": config_hash}))
+
+
+def newest_unfinished(out: Path, config_hash: str, look_at: int = 200) -> Path | None:
+    """In the default layout (``outputs/runs/<date>/<time>``), the newest other run folder of the same config
+    (``Run.config_hash``) that stopped before finishing and left work to continue: what ``train.resume=auto``
+    continues, so that the same command resumes an interrupted run."""
+    from runner import checkpoint
+
+    candidates = sorted((p for p in out.parent.parent.glob("*/*") if p.is_dir() and p.resolve() != out.resolve()),
+                        key=lambda p: p.parent.name + p.name, reverse=True)[:look_at]
+    for folder in candidates:
+        if (folder / FINISHED_FILE).exists() or not is_run_folder(folder):
+            continue
+        try:
+            recorded = json.loads((folder / MLFLOW_FILE).read_text()).get("config_hash")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        if recorded is None:  # tracking was off: the newest checkpoint's state says which config wrote it
+            for root in [folder / "checkpoints", *sorted((folder / "folds").glob("fold-*/checkpoints"))]:
+                steps = sorted(root.glob(f"{checkpoint.PREFIX}*"), reverse=True)
+                if steps and checkpoint.verify(steps[0]) is None:
+                    recorded = json.loads((steps[0] / "state.json").read_text()).get("config_hash")
+                    break
+        if recorded == config_hash:
+            return folder
+    return None
+
+
+def move_log(own: Path, target: Path) -> None:
+    """This process's runner.log goes on in ``target`` (appended) instead of the folder Hydra made."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent.resolve() == own.resolve():
+            moved = logging.FileHandler(target / "runner.log", mode="a", encoding=handler.encoding)
+            moved.setFormatter(handler.formatter)
+            moved.setLevel(handler.level)
+            root.removeHandler(handler)
+            handler.close()
+            root.addHandler(moved)
 
 
 def leave(own: Path, agreed: Path) -> None:
@@ -126,6 +176,14 @@ def leave(own: Path, agreed: Path) -> None:
             handler.close()
     if own.resolve() != agreed.resolve():
         remove_if_unused(own)
+
+
+def resume_command(out: Path) -> str:
+    """The command that continues the run in ``out``: this command, with its folder named."""
+    import shlex
+
+    args = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "train.resume="))]
+    return " ".join(["python -m runner", *map(shlex.quote, args), shlex.quote(f"hydra.run.dir={out}")])
 
 
 def remove_if_unused(out: Path) -> bool:

@@ -260,6 +260,8 @@ class DataConfig:
     header: bool = True  # false: the first line is data; name the columns with data.columns or use positions
     columns: list[str] | None = None  # names for the file's columns, in order (with or without a header)
     bad_lines: str = "error"  # csv/tsv lines with more fields than the first: error, skip or truncate (counted)
+    # label cells that are empty, NaN/nan, NA, N/A, null or None: error (naming the rows) or drop (counted)
+    missing_labels: str = "error"
     quoting: str = "minimal"  # minimal, all, nonnumeric, none (Python csv module)
     encoding: str = "utf-8"
     max_train_samples: int | None = None
@@ -452,10 +454,16 @@ def check_values(cfg: RunConfig) -> list[str]:
          "mlflow" in cfg.tracking.backends and set(cfg.tracking.backends) <= {"mlflow", "tensorboard", "wandb"},
          "mlflow (it holds runs, resumes and sweeps) plus any of tensorboard, wandb"),
         ("data.bad_lines", d.bad_lines, d.bad_lines in ("error", "skip", "truncate"), "error, skip or truncate"),
+        ("data.missing_labels", d.missing_labels, d.missing_labels in ("error", "drop"), "error or drop"),
         ("data.text_field", d.text_field, isinstance(d.text_field, (str, int)) or (
             isinstance(d.text_field, (list, tuple)) and len(d.text_field) > 0), "a column name, a 0-based position or a list of them"),
     ]
-    return [f"{key}={value} must be {allowed}" for key, value, ok, allowed in rules if not ok]
+    problems = [f"{key}={value} must be {allowed}" for key, value, ok, allowed in rules if not ok]
+    if cfg.model.name_or_path and cfg.model.random_init:  # one would be silently ignored: say which to drop
+        problems.append(f"model.name_or_path={cfg.model.name_or_path} and model.random_init are both set (a preset "
+                        f"such as model=tiny sets random_init): to train those weights add model.random_init=null; "
+                        f"for a random encoder drop model.name_or_path")
+    return problems
 
 
 def package_path(package: str, relative: str = "") -> str:

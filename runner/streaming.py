@@ -86,12 +86,16 @@ def cfg_cache_dir() -> str:
     return os.path.abspath(os.environ.get("RUNNER_ARROW_CACHE", "outputs/cache"))
 
 
-def blank_rows(column) -> np.ndarray:
-    """Rows of an Arrow string column that are null or only whitespace."""
+def blank_rows(column, missing: set[str] | None = None) -> np.ndarray:
+    """Rows of an Arrow string column that are null, only whitespace, or (lowercased) one of ``missing``."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    text = pc.cast(column, "string")
-    blank = pc.or_(pc.is_null(text), pc.equal(pc.utf8_trim_whitespace(text), ""))
+    text = pc.utf8_trim_whitespace(pc.cast(column, "string"))
+    blank = pc.or_(pc.is_null(text), pc.equal(text, ""))
+    if missing:
+        blank = pc.or_(blank, pc.is_in(pc.utf8_lower(text), value_set=pa.array(sorted(missing))))
+    blank = pc.fill_null(blank, True)
     return np.flatnonzero(blank.to_numpy(zero_copy_only=False))
 
 

@@ -86,11 +86,14 @@ class MLflowSweepCallback(Callback):
         from hydra.core.utils import JobStatus
 
         parent = sweep_parent(config.hydra.sweep.dir)
-        if not parent or not config.tracking.enabled:
-            return
-        if job_return.status == JobStatus.FAILED:
-            record_failure(config, parent, job_return)
-        write_summary(config, parent["run_id"])
+        try:
+            if not parent or not config.tracking.enabled:
+                return
+            if job_return.status == JobStatus.FAILED:
+                record_failure(config, parent, job_return)
+            write_summary(config, parent["run_id"])
+        finally:
+            compact_failure(config, job_return)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.tracker is None:
@@ -207,6 +210,32 @@ def record_failure(config: DictConfig, parent: dict[str, str], job_return: Any) 
         "mlflow.parentRunId": parent["run_id"], "sweep_id": parent["sweep_id"], "job_num": job_num,
         "overrides": " ".join(config.hydra.overrides.task), "error": error})
     client.set_terminated(run.info.run_id, status="FAILED")
+
+
+def compact_failure(config: DictConfig, job_return: Any) -> None:
+    """A failed sweep job is one line at the end of the sweep (Hydra re-raises it there, after the summary);
+    its whole traceback goes to the job's runner.log instead of the console."""
+    import traceback
+
+    from hydra.core.utils import JobStatus
+    from hydra.errors import CompactHydraException
+    from hydra.types import RunMode
+
+    error = getattr(job_return, "_return_value", None)
+    if config.hydra.mode != RunMode.MULTIRUN or job_return.status != JobStatus.FAILED or not isinstance(error, BaseException):
+        return
+    log_file = Path(config.hydra.runtime.output_dir) / "runner.log"
+    try:
+        with open(log_file, "a", encoding="utf-8") as f:
+            f.write("".join(traceback.format_exception(error)))
+    except OSError:
+        log_file = None
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    where = f" (traceback in {log_file})" if log_file else ""
+    job_return._return_value = CompactHydraException(f"job {config.hydra.job.num} failed: {first}{where}")
+    for attribute in ("_remote_traceback", "_remote_exception_chain", "_remote_exception_group"):  # Hydra would print them
+        if hasattr(job_return, attribute):
+            setattr(job_return, attribute, None)
 
 
 def make_storage(url: str):

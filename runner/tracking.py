@@ -132,7 +132,11 @@ class WandbMirror:
             raise RunnerError("tracking.backends has wandb, which is not installed: pip install wandb") from err
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.project, self.name = folder, project, name
-        self.run = wandb.init(project=project, name=name, group=group, dir=str(folder), reinit="create_new")
+        try:
+            self.run = wandb.init(project=project, name=name, group=group, dir=str(folder), reinit="create_new")
+        except Exception as err:  # noqa: BLE001  (wandb's UsageError, CommError, ...): one line, not its traceback
+            raise RunnerError(f"wandb could not start a run ({str(err).strip().splitlines()[0][:300]}): check `wandb "
+                              f"login`, or set WANDB_MODE=offline") from err
 
     def child(self, name: str) -> WandbMirror:
         return WandbMirror(self.folder, self.project, name, group=self.name)
@@ -145,6 +149,27 @@ class WandbMirror:
 
     def close(self, status: str) -> None:
         self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+
+
+def check_backends(backends: list[str]) -> None:
+    """What the trackers beside MLflow need, checked before any run opens: W&B installed, and logged in unless
+    it runs offline (wandb.init would otherwise stop the job with a traceback, or wait for a key at a prompt)."""
+    if "wandb" not in backends:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError as err:
+        raise RunnerError("tracking.backends has wandb, which is not installed: pip install wandb") from err
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    import netrc
+
+    try:
+        logged_in = netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1])
+    except (OSError, netrc.NetrcParseError):
+        logged_in = None
+    if not logged_in:
+        raise RunnerError("wandb: no API key: run `wandb login` or set WANDB_MODE=offline (tracking.backends has wandb)")
 
 
 def make_mirrors(backends: list[str], folder: Path, experiment: str, name: str | None) -> list:

@@ -105,7 +105,7 @@ def fit(parts: LoopParts, state: TrainState, cfg: TrainConfig, events: Events, m
                     if STOP.received:
                         STOP.announce()
                         raise Interrupted(STOP.received, f"stopped by {STOP.name()} at step {state.step}; checkpoint "
-                                          f"{where}: run the same command again to resume")
+                                          f"{where}")
                 bar.update(1)
                 if state.step >= total or state.stop:
                     break

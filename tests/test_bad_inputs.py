@@ -73,6 +73,34 @@ def finished_run(tmp):
     return ["hydra.run.dir=fixed"]
 
 
+def small_vocabulary_model(tmp):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(vocab_size=10, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp / "small")
+    return [f"model.name_or_path={tmp / 'small'}", "model.random_init=null"]
+
+
+def pickle_only_model(tmp):
+    from transformers import BertConfig, BertModel
+
+    import torch
+
+    model = BertModel(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64))
+    model.save_pretrained(tmp / "old")
+    (tmp / "old" / "model.safetensors").unlink()  # as models saved before safetensors were: a pickle
+    torch.save(model.state_dict(), tmp / "old" / "pytorch_model.bin")
+    return [f"model.name_or_path={tmp / 'old'}", "model.random_init=null"]
+
+
+def labels_with(tmp, cell: str):
+    rows = [f"{t},{label}" for t, label in make_sentences(40, 0)]
+    rows[6] = rows[6].rsplit(",", 1)[0] + "," + cell
+    return [f"data.train={write(tmp, 'gaps.csv', 'text,label' + chr(10) + chr(10).join(rows) + chr(10))}",
+            "data.validation=null"]
+
+
 def a_file(tmp, name="afile"):
     (tmp / name).write_text("x")
     return tmp / name
@@ -135,7 +163,8 @@ CASES = [
      "data.label_field", 1),
     ("single class after max_train_samples", ["data.max_train_samples=1"], "its first 1 rows (data.max_train_samples) have a "
      "single class", 1),
-    ("NaN score", lambda t: scores(t, "nan"), "row 22, column 'score': score 'nan' is not a finite number", 1),
+    ("NaN score", lambda t: scores(t, "nan"), "scores.csv: 1 rows have no label in column 'score' (empty, NaN, NA, null "
+     "or None; rows 22)", 1),
     ("inf score", lambda t: scores(t, "inf"), "row 22, column 'score': score 'inf' is not a finite number", 1),
     ("score outside the range", lambda t: scores(t, "7"), "row 22, column 'score': score 7 is outside task.score_range=[0, 5]", 1),
     ("wrong encoding", lambda t: [f"data.train={write(t, 'latin.csv', 'text,label' + chr(10) + 'good,pos' + chr(10) + 'café bad,neg' + chr(10), 'latin-1')}"],
@@ -154,6 +183,33 @@ CASES = [
      "mlflow.db is not writable (File exists): set tracking.uri to a writable place, or tracking.enabled=false", 1),
     ("one checkpoint for k folds", lambda t: ["cv.folds=2", f"train.resume={a_file(t).parent}"], "names one "
      "checkpoint, but a k-fold job has one per fold: give the run folder of the interrupted job instead", 1),
+    # --- issue 19: wrong results that exited 0, tracebacks, misleading hints ---
+    ("NaN label cell", lambda t: labels_with(t, "NaN"), "gaps.csv: 1 rows have no label in column 'label' (empty, NaN, NA, "
+     "null or None; rows 8): fill them in, or drop them with data.missing_labels=drop", 1),
+    ("None label cell", lambda t: labels_with(t, "None"), "rows 8): fill them in", 1),
+    ("NA label cell", lambda t: labels_with(t, " NA "), "rows 8): fill them in", 1),
+    ("missing_labels value", ["data.missing_labels=keep"], "data.missing_labels=keep must be error or drop", 1),
+    ("random_init and a path", ["model.name_or_path=sentence-transformers/all-MiniLM-L6-v2"],
+     "model.name_or_path=sentence-transformers/all-MiniLM-L6-v2 and model.random_init are both set (a preset such as "
+     "model=tiny sets random_init): to train those weights add model.random_init=null", 1),
+    ("tokenizer larger than the embeddings", small_vocabulary_model, "tokens but the encoder", 1),
+    ("pickle-only model folder", pickle_only_model, "the model weights are pickle files (pytorch_model.bin), which can "
+     "run code when loaded; the runner reads safetensors only", 1),
+    ("a folder as data.train", lambda t: [f"data.train={t}"], "is a folder: give a data file", 1),
+    ("missing distillation teacher", ["distill.teacher=./no/such/teacher"], "distill.teacher=./no/such/teacher: no such "
+     "folder", 1),
+    ("misspelled key without +", ["train.learning_rate=1e-3"], "unknown key train.learning_rate (did you mean train.lr?)", 1),
+    ("key by another library's name", ["data.text_column=sentence"], "unknown key data.text_column (did you mean "
+     "data.text_field?)", 1),
+    ("the same with +", ["+data.text_column=sentence"], "unknown key data.text_column (did you mean data.text_field?)", 1),
+    ("a binary file", lambda t: [f"data.train={write(t, 'sheet.csv', 'PK' + chr(3) + chr(4) + 'xl/workbook')}"],
+     "sheet.csv looks like a zip archive (or an .xlsx/.docx file): give a text table", 1),
+    ("NUL bytes", lambda t: [f"data.train={write(t, 'nul.csv', 'text,label' + chr(10) + 'a' + chr(0) + ',pos' + chr(10))}"],
+     "nul.csv looks binary (it holds NUL bytes), not text", 1),
+    ("one-column file", lambda t: [f"data.train={write(t, 'lines.csv', 'review' + chr(10) + 'good film' + chr(10))}"],
+     "the file has a single column: a labelled file needs a text and a label column", 1),
+    ("local model path taken as a hub id", ["model.name_or_path=models/mine", "model.random_init=null"],
+     "could not load the model 'models/mine' (no folder", 1),
     ("resume from nothing", ["train.resume=no/such/checkpoint"], "train.resume=no/such/checkpoint: no such folder; give a "
      "checkpoint folder, auto or never", 1),
 ]
@@ -175,7 +231,57 @@ def test_bad_input(name, args, message, code, base, tmp_path, capsys):
 
 
 def test_the_catalog_is_long_enough():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 55
+
+
+def test_hydra_would_have_said_use_plus(base, capsys):
+    """Hydra's own advice for an unknown key is "use +key", which the runner then refuses: its words are gone."""
+    code, out = run_cli([*base, "train.learning_rate=1e-3"], capsys)
+    assert code == 1 and "+train.learning_rate" not in out and "append" not in out
+
+
+def test_wandb_without_a_key_is_one_line_before_any_run(base, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("wandb")
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "NETRC"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: never logged in
+    code, out = run_cli([*base, "tracking.backends=[mlflow,wandb]"], capsys)
+    assert code == 1 and "wandb: no API key: run `wandb login` or set WANDB_MODE=offline" in out
+    assert "Traceback" not in out and mlflow_runs(tmp_path / "mlflow.db") == 0
+
+
+def test_missing_labels_can_be_dropped_and_are_counted(base, tmp_path, capsys):
+    code, out = run_cli([*base, *labels_with(tmp_path, "null"), "data.missing_labels=drop", "hydra.run.dir=run"], capsys)
+    assert code == 0, out
+    assert "1 rows without a label in column 'label' dropped (data.missing_labels=drop; rows 8)" in out
+    assert "data: 35 train" in out  # 39 rows less the dropped one, less the 10% validation split
+
+
+def test_a_class_seen_once_is_a_warning(base, tmp_path, capsys):
+    rows = make_sentences(40, 0) + [("the film was odd", "odd")]
+    train = write_csv(tmp_path / "rare.csv", rows)
+    code, out = run_cli([*base, f"data.train={train}", "data.validation=null", "hydra.run.dir=run"], capsys)
+    assert code == 0, out
+    assert "1 classes occur in fewer than 2 training rows ('odd')" in out
+    assert "classes occur in fewer than 2" in (tmp_path / "run" / "runner.log").read_text()
+
+
+def test_a_model_that_diverged_after_its_last_logged_loss_is_not_saved():
+    """The final check: non-finite metrics or weights end the run (exit 3) before anything is saved."""
+    import torch
+
+    from runner.errors import TrainingDiverged
+    from runner.experiment import check_finite
+
+    model = torch.nn.Linear(2, 2)
+    check_finite({"val/accuracy": 0.5}, model, 3)
+    with pytest.raises(TrainingDiverged, match="val/loss is not finite after step 3"):
+        check_finite({"val/loss": float("nan"), "val/accuracy": 0.5}, model, 3)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(TrainingDiverged, match="weight weight holds NaN or infinite values after step 3"):
+        check_finite({"val/accuracy": 0.5}, model, 3)
+    assert TrainingDiverged.exit_code == 3
 
 
 def test_labels_that_differ_only_in_spaces_are_one_class(base, tmp_path, capsys):
@@ -201,3 +307,11 @@ def test_a_run_uploads_its_log_to_mlflow(base, tmp_path, capsys):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
     assert "runner.log" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_a_run_diverging_at_its_last_step_exits_3_and_saves_no_model(base, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RUNNER_NAN_AT", "0:3")  # the loss of optimizer step 3 (of 3) becomes NaN
+    code, out = run_cli([*base, "train.batch_size=32", "hydra.run.dir=run"], capsys)
+    assert code == 3, out
+    assert "at step 3" in out and "Traceback" not in out
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "metrics.json").exists()

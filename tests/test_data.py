@@ -90,7 +90,7 @@ def test_blank_label_names_row_and_column(tmp_path):
     rows = make_sentences(6, 0)
     rows[3] = (rows[3][0], "")
     path = write_csv(tmp_path / "t.csv", rows)
-    expect_error(r"t\.csv: row 5, column 'label' is empty", train=str(path))
+    expect_error(r"t\.csv: 1 rows have no label in column 'label' \(empty, NaN, NA, null or None; rows 5\)", train=str(path))
 
 
 def test_unseen_validation_label_names_row(tmp_path):

@@ -180,16 +180,24 @@ def test_peft_on_a_random_base_reloads_to_the_same_weights_every_time(make_run):
         assert not any("lora" in k or "base_layer" in k for k in plain.state_dict())
 
 
-def test_peft_on_a_local_base_refers_to_it_by_a_relative_path(make_run, tiny_model_dir):
-    run = make_run("mode=peft", "train.epochs=1", "data.test=null", *pretrained(tiny_model_dir))
+def test_peft_on_a_local_base_keeps_the_base_in_the_folder(make_run, tiny_model_dir, tmp_path):
+    """A saved folder never points outside itself (runner.trust): a local base model's weights go in base/,
+    and the folder predicts the same after it moves and the original base is gone."""
+    import shutil
+
+    local = shutil.copytree(tiny_model_dir, tmp_path / "local-base")
+    run = make_run("mode=peft", "train.epochs=1", "data.test=null", *pretrained(str(local)))
     job.execute(run)
     folder = Path(run.cfg.output_dir) / "model"
     meta = json.loads((folder / "runner_model.json").read_text())
     config = json.loads((folder / "adapter" / "adapter_config.json").read_text())
-    assert not Path(meta["base_model"]).is_absolute() and meta["base_model"] == config["base_model_name_or_path"]
-    assert (folder / meta["base_model"]).resolve() == Path(tiny_model_dir).resolve()
+    assert meta["base_model"] == "base" and config["base_model_name_or_path"] == "../base"
     model, tokenizer, loaded = artifact.load_model(folder)
-    assert len(artifact.predict_labels(model, tokenizer, loaded, ["good film"])) == 1
+    before = artifact.predict_labels(model, tokenizer, loaded, ["good film", "bad plot"])
+    moved = shutil.move(str(folder), str(tmp_path / "elsewhere"))
+    shutil.rmtree(local)
+    model, tokenizer, loaded = artifact.load_model(moved)
+    assert artifact.predict_labels(model, tokenizer, loaded, ["good film", "bad plot"]) == before
 
 
 def test_the_packaged_minilm_is_referred_to_by_its_hub_id(tmp_path):

@@ -208,7 +208,7 @@ def test_no_pickle_anywhere_in_the_package():
 # ------------------------------------------------------------------------------------ real signals
 
 
-def cli(tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+def cli(tmp_path: Path, *extra: str, env: dict | None = None, layout: str = "named") -> subprocess.Popen:
     from tests.conftest import make_sentences, write_csv
 
     train_csv = tmp_path / "train.csv"
@@ -218,7 +218,7 @@ def cli(tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.Pope
     args = [sys.executable, "-m", "runner", "model=tiny", "data=csv", f"data.train={train_csv}",
             f"data.validation={tmp_path / 'dev.csv'}", "hardware=cpu", "precision=fp32", "train.progress=false",
             "train.deterministic=true", "train.epochs=2", "train.batch_size=16", "train.checkpoint_every=4",
-            f"hydra.run.dir={tmp_path / 'run'}",
+            *([f"hydra.run.dir={tmp_path / 'run'}"] if layout == "named" else []),
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra]
     return subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -260,7 +260,8 @@ def test_a_signal_checkpoints_marks_the_run_killed_and_exits_128_plus_it(tmp_pat
     out = "".join(lines) + rest
     assert proc.returncode == 128 + sig, out
     assert f"{sig.name} received: stopped at the end of the optimizer step, with a checkpoint" in out
-    assert f"stopped by {sig.name} at step" in out and "run the same command again to resume" in out
+    assert f"stopped by {sig.name} at step" in out and "to resume: python -m runner model=tiny" in out
+    assert f"hydra.run.dir={tmp_path / 'run'}" in out.split("to resume:")[1]
     assert "Traceback" not in out
     assert list((tmp_path / "run" / "checkpoints").glob("step-*"))
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -333,3 +334,54 @@ def test_a_sigkilled_process_resumes_to_the_same_weights_and_history(tmp_path, m
     assert all(torch.equal(resumed_weights[k], weights[k]) for k in weights) and weights.keys() == resumed_weights.keys()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert history(uri, "killed")[1] == history(uri, "whole")[1]
+
+
+def test_ctrl_c_in_the_default_layout_then_the_printed_command_finishes_the_same_run(tmp_path):
+    """The default timestamped layout: the printed command (and the same command, through train.resume=auto)
+    continue the interrupted folder and MLflow run, to the metrics of an uninterrupted run."""
+    import re
+    import shlex
+
+    proc = cli(tmp_path, "train.epochs=40", "train.eval_every=60", layout="default")
+    lines = wait_until_training(proc)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + rest
+    assert proc.returncode == 130 and "SIGINT received" in out, out
+    command = re.search(r"to resume: (python -m runner .*)$", out, re.M).group(1)
+    [folder] = (tmp_path / "outputs" / "runs").glob("*/*")
+    assert f"hydra.run.dir={folder}" in command
+    resumed = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=tmp_path, capture_output=True, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming from" in resumed.stdout
+    assert [folder] == list((tmp_path / "outputs" / "runs").glob("*/*"))  # no second folder
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("runner").experiment_id])
+    assert run.info.status == "FINISHED"
+    interrupted = json.loads((folder / "metrics.json").read_text())["metrics"]
+
+    straight = cli(tmp_path, "train.epochs=40", "train.eval_every=60", f"hydra.run.dir={tmp_path / 'straight'}",
+                   "tracking.enabled=false", layout="default")
+    out, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, out
+    uninterrupted = json.loads((tmp_path / "straight" / "metrics.json").read_text())["metrics"]
+    assert interrupted == pytest.approx(uninterrupted, abs=1e-6)
+
+
+def test_the_same_command_continues_the_newest_unfinished_run_of_its_config(tmp_path):
+    """train.resume=auto (the default) in the default layout: an interrupted run is picked up by the same
+    command; a run of another config is not."""
+    killed = cli(tmp_path, env={"RUNNER_CRASH_AT": "step:5"}, layout="default")
+    killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    [folder] = (tmp_path / "outputs" / "runs").glob("*/*")
+    other = cli(tmp_path, "train.lr=1e-3", "tracking.enabled=false", layout="default")
+    out, _ = other.communicate(timeout=300)
+    assert other.returncode == 0 and "continuing the unfinished run" not in out, out
+    again = cli(tmp_path, layout="default")
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    assert f"continuing the unfinished run of the same config in {folder}" in out and "resuming from" in out
+    assert (folder / "metrics.json").exists()
+    assert len(list((tmp_path / "outputs" / "runs").glob("*/*"))) == 2  # the other config's run and this one
