@@ -113,6 +113,8 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
         rows.append({"fold": i, **metrics})
         reports[f"fold-{i}"] = report
         best = value if best is None or sign * value > sign * best else best
+        if run.pruning is not None:  # after the fold's result is on disk: a pruned trial keeps what it did
+            run.pruning.report(i, value, "fold", accelerator, units=(len(rows), len(chosen)))
     stats = aggregate(rows)
     tracker.log_metrics(stats)
     if accelerator.is_main_process:

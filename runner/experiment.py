@@ -77,6 +77,8 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
     parts = LoopParts(model, loss_fn, train_loader, sampler, optimizer, scheduler, accelerator)
 
     last: dict[str, tuple[int, dict, dict]] = {}  # split -> (step, metrics, report) of the latest evaluation
+    # Model selection looks at validation only: a test/* objective is monitored through its val/* twin.
+    monitor = "val/" + cfg.objective.metric.split("/", 1)[1]
 
     def evaluate(step: int, splits=("val",)) -> dict[str, float]:
         metrics = {}
@@ -90,6 +92,9 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
             last[split] = (step, values, report)
         tracker.log_metrics(metrics, step)
         log.info("step %d: %s", step, format_metrics(metrics))
+        if run.pruning is not None and cfg.cv.folds <= 1 and step > 0 and monitor in metrics:  # k-fold reports folds
+            total = total_steps(train_cfg, len(train_loader))
+            run.pruning.report(step, metrics[monitor], "step", accelerator, units=(step, total))
         return metrics
 
     def log_train(metrics: dict[str, float], step: int) -> None:
@@ -114,8 +119,6 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
         log.info("resuming from %s: step %d, epoch %d, batch %d of the epoch", start, state.step, state.epoch, state.batch)
     elif train_cfg.eval_at_start:
         evaluate(0, tuple(eval_loaders))  # the untrained model: the gain from training is visible in MLflow
-    # Model selection looks at validation only: a test/* objective is monitored through its val/* twin.
-    monitor = "val/" + cfg.objective.metric.split("/", 1)[1]
     with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
         fit(parts, state, train_cfg, Events(log_train, evaluate, save_checkpoint), monitor,
             cfg.objective.direction == Direction.maximize)

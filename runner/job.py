@@ -21,6 +21,7 @@ from runner.errors import RunnerError
 from runner.experiment import FitResult, fit_and_evaluate, job_features, resume_point, uses_frozen_features
 from runner.hardware import make_accelerator, precision_name
 from runner.model import check_model, load_tokenizer, quiet_libraries
+from runner.pruning import TrialPruned
 from runner.report import run_report
 from runner.schema import DataConfig
 from runner.signals import STOP
@@ -28,6 +29,7 @@ from runner.spec import Run
 from runner.tracking import Tracker, check_backends, default_uri, make_mirrors
 
 log = logging.getLogger("runner")
+PRUNED_FILE = "pruned.json"  # a trial the search's pruner stopped: where and at what value
 
 
 def execute(run: Run) -> float:
@@ -84,6 +86,12 @@ def execute(run: Run) -> float:
     try:
         with tracker.closing():
             return train_and_report(run, data, tokenizer, accelerator, tracker, out)
+    except TrialPruned as pruned:  # the search's pruner stopped it: what it finished stays in its folder
+        log.info("trial %s", pruned)
+        if accelerator.is_main_process:
+            (out / PRUNED_FILE).write_text(json.dumps({"pruned_at": pruned.step, "unit": pruned.unit,
+                                                       "value": pruned.value}))
+        return pruned.value
     finally:
         STOP.uninstall()
         if (out / "runner.log").exists():  # the job's log beside its metrics, whatever the outcome

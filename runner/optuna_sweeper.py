@@ -33,6 +33,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
@@ -40,6 +41,7 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import RunnerError
+from runner.pruning import make_pruner
 from runner.runfolder import is_run_folder
 from runner.sweep import kill_runs_of, make_storage
 
@@ -54,11 +56,14 @@ class RunnerOptunaSweeperConf(OptunaSweeperConf):
     _target_: str = "runner.optuna_sweeper.ResumableOptunaSweeper"
     heartbeat_interval: int = 10  # seconds between the stamps of a running trial
     grace_period: int = 60  # a trial unstamped this long was killed (beyond clock skew between machines)
+    # an optuna.pruners class by _target_ with its arguments (runner/pruning.py), or null: no pruning
+    pruner: Any = None
 
 
 class ResumableOptunaSweeper(OptunaSweeper):
-    def __init__(self, *args, heartbeat_interval: int = 10, grace_period: int = 60, **kwargs) -> None:
+    def __init__(self, *args, heartbeat_interval: int = 10, grace_period: int = 60, pruner: Any = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.pruner_spec = OmegaConf.to_container(pruner, resolve=True) if OmegaConf.is_config(pruner) else pruner
         if heartbeat_interval <= 0 or grace_period <= heartbeat_interval:
             raise RunnerError(f"hydra.sweeper.grace_period={grace_period} must exceed heartbeat_interval="
                               f"{heartbeat_interval} (> 0): a live trial would look killed")
@@ -89,8 +94,12 @@ class ResumableOptunaSweeper(OptunaSweeper):
         space, fixed_params, fixed_overrides = create_params_from_overrides(params)
         for name in fixed_params:
             space.pop(name, None)
+        pruner = make_pruner(self.pruner_spec)  # an unknown pruner or argument: one line before any trial runs
+        if pruner is not None and len(impl._get_directions()) > 1:
+            raise RunnerError("hydra.sweeper.pruner: Optuna prunes single-objective searches only; this search has "
+                              f"{len(impl._get_directions())} objectives: set hydra.sweeper.pruner=null")
         study = optuna.create_study(study_name=impl.study_name, storage=make_storage(impl.storage), sampler=impl.sampler,
-                                    directions=impl._get_directions(), load_if_exists=True)
+                                    directions=impl._get_directions(), load_if_exists=True, pruner=pruner)
         trials = Trials(study, self.heartbeat_interval, self.grace_period, lambda job_dir: kill_runs_of(self.config, job_dir))
         done, pending = trials.counts()
         if done:
@@ -117,6 +126,9 @@ class ResumableOptunaSweeper(OptunaSweeper):
             trials.stop()
         if not done and impl.n_trials <= 0:  # the loop ends with n_trials >= 1 COMPLETE trials, else nothing ran
             raise RunnerError(f"hydra.sweeper.n_trials={impl.n_trials}: study {impl.study_name!r} has no COMPLETE trial")
+        if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            raise RunnerError(f"study {impl.study_name!r}: every trial was pruned, none completed: loosen "
+                              f"hydra.sweeper.pruner (e.g. n_startup_trials or n_warmup_steps)")
         best = study.best_trial
         log.info("best of %s: %s = %s", impl.study_name, best.params, best.value)
         OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value}),
@@ -159,12 +171,13 @@ class Trials:
         self.thread.start()
 
     def counts(self) -> tuple[int, int]:
-        """(COMPLETE trials, RUNNING trials). WAITING ones (retries of killed trials) are what the next
-        ``ask`` returns, so they leave room for asking."""
+        """(done trials: COMPLETE or PRUNED, RUNNING trials). WAITING ones (retries of killed trials) are what
+        the next ``ask`` returns, so they leave room for asking. A PRUNED trial is an outcome, like Optuna's
+        own ``n_trials``: it is never run again."""
         from optuna.trial import TrialState
 
         states = [t.state for t in self.study.get_trials(deepcopy=False)]
-        return states.count(TrialState.COMPLETE), states.count(TrialState.RUNNING)
+        return states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED), states.count(TrialState.RUNNING)
 
     def ask(self, n: int, target: int) -> list:
         """``n`` new trials, stamped at once; any beyond ``target`` (asked by two workers at the same moment)
@@ -176,8 +189,9 @@ class Trials:
             trial = self.study.ask()
             self.stamp(trial._trial_id)
             asked.append(trial)
-        ahead = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-                 if t.state == TrialState.COMPLETE or t.number < asked[0].number]
+        done = (TrialState.COMPLETE, TrialState.PRUNED)
+        ahead = [t for t in self.study.get_trials(deepcopy=False, states=(*done, TrialState.RUNNING))
+                 if t.state in done or t.number < asked[0].number]
         keep = max(0, min(len(asked), target - len(ahead)))
         for trial in asked[keep:]:
             trial.set_user_attr("surplus", True)
@@ -248,7 +262,10 @@ class Trials:
         from optuna.trial import TrialState
 
         try:
-            if ret.status == JobStatus.COMPLETED:
+            if ret.status == JobStatus.COMPLETED and "pruned_at" in self.storage.get_trial(trial._trial_id).user_attrs:
+                self.study.tell(trial, state=TrialState.PRUNED)  # its value: the last one it reported
+                log.info("trial %d pruned", trial.number)
+            elif ret.status == JobStatus.COMPLETED:
                 self.study.tell(trial, float(ret.return_value))
             else:
                 self.study.tell(trial, state=TrialState.FAIL)

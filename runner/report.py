@@ -10,6 +10,7 @@ logged to the MLflow run (or the sweep's parent run) under ``report/``.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -126,10 +127,16 @@ def sweep_report(sweep_dir: Path, table, study=None) -> list[Path]:
         done["order"] = done["job"].astype(str).str.extract(r"(\d+)", expand=False).astype(float)
         done = done.sort_values("order")
         maximize = study is None or study.direction.name == "MAXIMIZE"
-        best = done["value"].cummax() if maximize else done["value"].cummin()
+        pruned = done["status"] == "PRUNED"
+        finished = done[~pruned]
+        best = (finished["value"].cummax() if maximize else finished["value"].cummin()) if len(finished) else None
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.scatter(done["order"], done["value"], label="trial")
-        ax.step(done["order"], best, where="post", color="tab:red", label="best so far")
+        ax.scatter(finished["order"], finished["value"], label="trial")
+        if pruned.any():  # where the pruner stopped them: the last value they reported
+            ax.scatter(done[pruned]["order"], done[pruned]["value"], marker="x", color="tab:gray",
+                       label="pruned (last reported value)")
+        if best is not None:
+            ax.step(finished["order"], best, where="post", color="tab:red", label="best so far")
         name = str(done["objective"].iloc[0]) + (" (mean over folds)" if done["cv_std"].notna().any() else "")
         ax.set(xlabel="trial (job number)", ylabel=name, title="objective per trial")
         ax.legend()
@@ -139,7 +146,9 @@ def sweep_report(sweep_dir: Path, table, study=None) -> list[Path]:
 
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if len(complete) >= 2 and len(study.best_params) >= 1:
-            importances = optuna.importance.get_param_importances(study)
+            with warnings.catch_warnings():  # "quantiles select the same set of trials": a note, not a problem
+                warnings.simplefilter("ignore")
+                importances = optuna.importance.get_param_importances(study)
             fig, ax = plt.subplots(figsize=(6, 0.5 * len(importances) + 1.5))
             ax.barh(list(importances)[::-1], list(importances.values())[::-1])
             ax.set(xlabel="importance (fANOVA)", title=f"parameter importances ({len(complete)} trials)")

@@ -215,6 +215,10 @@ def attach_to_sweep(run: Run, hydra_cfg) -> None:
     run.parent_run_id = parent.get("run_id")
     run.tags = {"sweep_id": parent.get("sweep_id", str(hydra_cfg.sweep.dir)), "job_num": str(hydra_cfg.job.num),
                 "overrides": " ".join(hydra_cfg.overrides.task)}
+    from runner.distributed import launched_rank
+    from runner.pruning import from_hydra
+
+    run.pruning = from_hydra(hydra_cfg, is_main=launched_rank()[0] == 0)
 
 
 if __name__ == "__main__":

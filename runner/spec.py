@@ -12,6 +12,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from runner.distributed import Single, Strategy
 from runner.losses import Loss
@@ -44,6 +45,7 @@ class Run:
     tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (sweep id, job number, overrides)
     strategy: Strategy = field(default_factory=Single)  # how several processes share the model (hardware.strategy)
     precision: str = "fp32"  # what precision=auto resolved to on this machine (fp32, bf16, fp16): saved with models
+    pruning: Any = None  # runner.pruning.Pruning: this job is a trial of a search that prunes
 
     def fingerprint(self) -> dict[str, str]:
         """The flattened config values that decide what is computed (a checkpoint must match them)."""

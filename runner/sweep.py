@@ -106,6 +106,9 @@ class MLflowSweepCallback(Callback):
             self.tracker.log_artifact(results)
             study = write_trials_table(self.study, sweep_dir / "trials.csv")
             self.tracker.log_artifact(sweep_dir / "trials.csv")
+            account = search_account(study)
+            self.tracker.log_metrics(account)
+            log.info("search: %s", "  ".join(f"{k}={v:g}" for k, v in account.items()))
         if table is not None and len(table):
             from runner.report import sweep_report
 
@@ -263,20 +266,49 @@ def write_summary(config: DictConfig, parent_id: str):
     for r in runs:
         metric = r.data.tags.get("objective", config.objective.metric)
         value = r.data.metrics.get(f"cv/{metric}_mean", r.data.metrics.get(metric))
-        rows.append({"job": r.data.tags.get("job_num", ""), "status": r.info.status, "objective": metric,
+        status = r.info.status
+        if "pruned_at" in r.data.tags:  # its last reported value (a partial mean over folds, or an evaluation)
+            status, value = "PRUNED", float(r.data.tags.get("pruned_value", "nan"))
+        rows.append({"job": r.data.tags.get("job_num", ""), "status": status, "objective": metric,
                      "value": value, "cv_std": r.data.metrics.get(f"cv/{metric}_std"),
                      "overrides": r.data.tags.get("overrides", ""), "run_name": r.info.run_name,
                      "run_id": r.info.run_id, "output_dir": r.data.tags.get("output_dir", "")})
     table = pd.DataFrame(rows, columns=["job", "status", "objective", "value", "cv_std", "overrides", "run_name",
                                         "run_id", "output_dir"])
     ascending = getattr(config.objective.direction, "value", config.objective.direction) == "minimize"
-    table = table.sort_values(["value"], ascending=ascending, na_position="last", kind="stable")
+    table["pruned"] = table["status"] == "PRUNED"  # after the trials that finished, whatever their partial value
+    table = table.sort_values(["pruned", "value"], ascending=[True, ascending], na_position="last", kind="stable")
+    table = table.drop(columns="pruned")
     path = Path(config.hydra.sweep.dir) / "summary.csv"
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     table.to_csv(tmp, index=False)
     os.replace(tmp, path)  # atomic: parallel workers may rewrite it at the same time
     client.log_artifact(parent_id, str(path))
     return table
+
+
+def search_account(study) -> dict[str, float]:
+    """What the search spent and what pruning saved, from its trials: ``sweep/trials_pruned``,
+    ``sweep/trainings_run`` and ``sweep/trainings_saved`` (folds of k-fold trials, optimizer steps of
+    single-split ones, as each trial reported them) and ``sweep/seconds_per_trial`` (wall time of the search
+    from its first trial's start to its last trial's end, per finished trial)."""
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    run = saved = 0.0
+    for trial in done:
+        units = trial.user_attrs.get("units") or {}
+        total = float(units.get("total", 0))
+        ran = float(units.get("run", total)) if trial.state == TrialState.PRUNED else total
+        run, saved = run + ran, saved + (total - ran)
+    account = {"sweep/trials": float(len(done)),
+               "sweep/trials_pruned": float(sum(t.state == TrialState.PRUNED for t in done)),
+               "sweep/trainings_run": run, "sweep/trainings_saved": saved}
+    if done:
+        start = min(t.datetime_start for t in done if t.datetime_start)
+        end = max(t.datetime_complete for t in done if t.datetime_complete)
+        account["sweep/seconds_per_trial"] = (end - start).total_seconds() / len(done)
+    return account
 
 
 def write_trials_table(shared: SharedStudy, path: Path):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.errors import RunnerError
+from runner.pruning import TrialPruned
 from runner.signals import Interrupted
 
 log = logging.getLogger(__name__)
@@ -287,11 +288,16 @@ class Tracker:
 
     @contextlib.contextmanager
     def closing(self):
-        """End the run as the block ends: FINISHED, KILLED (a signal, Ctrl-C) or FAILED with the error."""
+        """End the run as the block ends: FINISHED, KILLED (a signal, Ctrl-C) or FAILED with the error; a trial
+        stopped by the search's pruner is FINISHED with the tag ``pruned_at``."""
         try:
             yield self
         except (Interrupted, KeyboardInterrupt) as stop:
             self.finish("KILLED", str(stop) or "interrupted")
+            raise
+        except TrialPruned as pruned:  # a first-class outcome of a search: the run did what it was asked
+            self.set_tags({"pruned_at": str(pruned.step), "pruned_unit": pruned.unit, "pruned_value": str(pruned.value)})
+            self.finish("FINISHED")
             raise
         except BaseException as err:
             self.finish("FAILED", f"{type(err).__name__}: {err}")
