@@ -88,8 +88,8 @@ class FrozenSplit(torch.utils.data.Dataset):
     feature matrix instead of token ids. Batches carry ``{"frozen": (batch, parts, hidden)}`` per column,
     which the model pools without running its encoder. Equal texts share a row, hence a text id."""
 
-    def __init__(self, vectors: torch.Tensor, rows: torch.Tensor, labels) -> None:
-        self.vectors, self.rows = vectors, rows  # rows: (columns, n)
+    def __init__(self, vectors: torch.Tensor, rows: torch.Tensor, labels, key: str = "frozen") -> None:
+        self.vectors, self.rows, self.key = vectors, rows, key  # rows: (columns, n); key: frozen (layout) or pooled
         self.labels = None if labels is None else torch.as_tensor(labels)
         self.text_ids = rows
         self.lengths = np.ones(rows.shape[1], dtype=np.int64)  # all the same size: batches need no grouping
@@ -104,7 +104,7 @@ class FrozenSplit(torch.utils.data.Dataset):
         return self.collate
 
     def collate(self, index: list[int]) -> dict:
-        batch = {"features": [{"frozen": self.vectors[column[index]]} for column in self.rows],
+        batch = {"features": [{self.key: self.vectors[column[index]]} for column in self.rows],
                  "index": torch.as_tensor(index), "text_ids": self.rows[:, index]}
         if self.labels is not None:
             batch["labels"] = self.labels[index]

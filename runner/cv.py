@@ -139,7 +139,7 @@ def run_fold(run: Run, i: int, split: tuple[np.ndarray, np.ndarray], data: Datas
         runfolder.record_run_id(workdir, child.run_id)
     with child.closing():
         result = fit_and_evaluate(run, fold_data, tokenizer, accelerator, child, workdir, frozen)
-        if accelerator.is_main_process:  # the fold's own curves and confusion matrix, in its folder and run
+        if accelerator.is_main_process and run.draws_pictures:  # the fold's curves and confusion matrix
             metric = run.cfg.objective.metric
             summary = {"objective": {"metric": metric, "value": result.metrics[metric]}}
             for picture in run_report(workdir, child.metric_history(), summary, result.reports, metric):

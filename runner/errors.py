@@ -1,4 +1,5 @@
-"""Errors meant for the user: printed as one message, without a traceback."""
+"""Errors meant for the user (printed as one message, without a traceback), and the outcome of a pruned
+search trial, which stops a job without being an error."""
 
 
 class RunnerError(Exception):
@@ -18,3 +19,11 @@ class TrainingDiverged(RunnerError):
     """The loss became NaN or infinite; lower train.lr or use precision=fp32."""
 
     exit_code = 3
+
+
+class TrialPruned(Exception):  # noqa: N818  (Optuna's own name for the outcome)
+    """The search's pruner stopped this trial after ``step``; ``value`` is the last value it reported."""
+
+    def __init__(self, step: int, value: float, unit: str) -> None:
+        super().__init__(f"pruned after {unit} {step} (reported {value:.4f}): this trial cannot beat the others")
+        self.step, self.value, self.unit = step, value, unit

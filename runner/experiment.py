@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from runner import batching, checkpoint
+from runner import batching, checkpoint, head_fit
 from runner.data import Dataset
 from runner.distill import Distillation, make_teacher
 from runner.errors import RunnerError, TrainingDiverged
@@ -87,7 +87,9 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
             # a bar per evaluation: scoring a large split can take minutes, which must not look like a hang
             loader = tqdm(eval_loaders[split], desc=f"step {step}: {split}", unit="batch", leave=False,
                           disable=not (train_cfg.progress and accelerator.is_main_process))
-            values, report = task.evaluate(model, loader, accelerator, split, data.label_names, text_ids)
+            # the per-class report of the last evaluation is the one kept: earlier ones are not computed
+            final = step >= total_steps(train_cfg, len(train_loader)) or split != "val"
+            values, report = task.evaluate(model, loader, accelerator, split, data.label_names, text_ids, report=final)
             metrics.update(values)
             last[split] = (step, values, report)
         tracker.log_metrics(metrics, step)
@@ -108,6 +110,8 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
     def save_checkpoint(state: TrainState):
         if not accelerator.is_main_process:
             return None
+        if tracker.run_id:
+            tracker.flush()  # the metrics up to this step are in the store before the step is
         folder = checkpoint.save(roots, state, parts, meta)
         checkpoint.prune(roots, train_cfg.keep_checkpoints, state.best_step if state.best is not None else None)
         return folder
@@ -119,9 +123,10 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
         log.info("resuming from %s: step %d, epoch %d, batch %d of the epoch", start, state.step, state.epoch, state.batch)
     elif train_cfg.eval_at_start:
         evaluate(0, tuple(eval_loaders))  # the untrained model: the gain from training is visible in MLflow
+    loop = head_fit.fit_vectors if head_fit.applies(parts, train_cfg) else fit
     with logging_redirect_tqdm():  # log lines print above the progress bar, not through it
-        fit(parts, state, train_cfg, Events(log_train, evaluate, save_checkpoint), monitor,
-            cfg.objective.direction == Direction.maximize)
+        loop(parts, state, train_cfg, Events(log_train, evaluate, save_checkpoint), monitor,
+             cfg.objective.direction == Direction.maximize)
     # The final model is scored on test, and on val unless the loop's last evaluation already scored
     # these very weights (no early-stopping restore).
     fresh = state.best_weights is None and last.get("val", (None,))[0] == state.step
@@ -157,7 +162,11 @@ def dataset_of(run: Run, split, tokenizer, frozen: FrozenFeatures | None):
         return batching.FrozenSplit(torch.from_numpy(split.vectors), torch.arange(len(split))[None], targets)
     if frozen is not None:
         items = [list(zip(*split.columns))] if joint else split.columns
-        return batching.FrozenSplit(frozen.vectors, torch.stack([frozen.rows_of(col) for col in items]), targets)
+        rows = torch.stack([frozen.rows_of(col) for col in items])
+        pooled = frozen.pooled(run.make_pooling())
+        if pooled is not None:  # the same numbers as pooling every batch, computed once
+            return batching.FrozenSplit(pooled, rows, targets, key="pooled")
+        return batching.FrozenSplit(frozen.vectors, rows, targets)
     return batching.Encoded(tokenizer, split.columns, targets, run.cfg.model.max_length, run.cfg.model.text_prefix,
                             joint=joint)
 

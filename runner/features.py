@@ -22,7 +22,7 @@ import json
 import logging
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,20 @@ class FrozenFeatures:
     hits: int
     misses: int
     encoder: torch.nn.Module  # the frozen encoder they come from: every fold's model shares it
+
+    pooled_cache: dict = field(default_factory=dict, repr=False)
+
+    def pooled(self, pooling) -> torch.Tensor | None:
+        """Every text's vector under ``pooling``, computed once per job and pooling, when the pooling has no
+        weights to learn (mean, cls, max, lasttoken, with or without normalize): a head then trains on
+        (texts, hidden) rows, not on the whole layout, per step. None for a trainable pooling."""
+        if any(True for _ in pooling.parameters()):
+            return None
+        key = json.dumps(pooling.describe(), sort_keys=True)
+        if key not in self.pooled_cache:
+            with torch.no_grad():
+                self.pooled_cache[key] = pooling.from_frozen(self.vectors).contiguous()
+        return self.pooled_cache[key]
 
     def rows_of(self, texts: list) -> torch.Tensor:
         return torch.as_tensor([self.rows[text_key(t)] for t in texts], dtype=torch.long)

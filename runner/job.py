@@ -17,11 +17,10 @@ from pathlib import Path
 from runner import artifact, cv, runfolder
 from runner.data import Dataset, load_dataset
 from runner.distributed import agree_on
-from runner.errors import RunnerError
+from runner.errors import RunnerError, TrialPruned
 from runner.experiment import FitResult, fit_and_evaluate, job_features, resume_point, uses_frozen_features
 from runner.hardware import make_accelerator, precision_name
 from runner.model import check_model, load_tokenizer, quiet_libraries
-from runner.pruning import TrialPruned
 from runner.report import run_report
 from runner.schema import DataConfig
 from runner.signals import STOP
@@ -199,8 +198,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def write_outputs(run: Run, data: Dataset, summary: dict, out: Path, tracker: Tracker) -> None:
     """metrics.json (written last: it marks the run finished), report.json, labels.json, config.yaml."""
     reports = summary.pop("reports", {})
-    for picture in run_report(out, tracker.metric_history(), summary, reports, summary["objective"]["metric"]):
-        tracker.log_artifact(picture, "report")
+    if run.draws_pictures:
+        for picture in run_report(out, tracker.metric_history(), summary, reports, summary["objective"]["metric"]):
+            tracker.log_artifact(picture, "report")
     files = {
         "report.json": json.dumps(reports, indent=2),
         "labels.json": json.dumps(data.label_names),

@@ -200,6 +200,8 @@ class TextModel(nn.Module):
     def embed(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Pooled sentence vectors of one tokenized text column (input_ids, attention_mask, ...), or of
         a frozen encoder's output computed once per text (``frozen``: runner.features)."""
+        if "pooled" in features:  # a parameter-free pooling, applied once per text (runner.features)
+            return features["pooled"]
         if "frozen" in features:
             return self.pooling.from_frozen(features["frozen"])
         inputs = {k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")}

@@ -25,21 +25,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from runner.errors import RunnerError
+from runner.errors import RunnerError, TrialPruned
 
 log = logging.getLogger("runner")
 
 PRUNERS = {f"optuna.pruners.{name}": name for name in (
     "MedianPruner", "PercentilePruner", "SuccessiveHalvingPruner", "HyperbandPruner", "WilcoxonPruner",
     "PatientPruner", "ThresholdPruner", "NopPruner")}
-
-
-class TrialPruned(Exception):  # noqa: N818  (Optuna's own name for the outcome)
-    """The search's pruner stopped this trial after ``step``; ``value`` is the last value it reported."""
-
-    def __init__(self, step: int, value: float, unit: str) -> None:
-        super().__init__(f"pruned after {unit} {step} (reported {value:.4f}): this trial cannot beat the others")
-        self.step, self.value, self.unit = step, value, unit
 
 
 def make_pruner(spec: Any, where: str = "hydra.sweeper.pruner"):

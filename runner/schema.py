@@ -391,6 +391,9 @@ class TrackingConfig:
     backends: list[str] = field(default_factory=lambda: ["mlflow"])
     log_model: bool = True  # the saved model also as an MLflow pyfunc model (runs:/<id>/model: serve, predict)
     register: str | None = None  # and registered under this name in the Model Registry
+    # report pictures: auto = every run and fold, but none per trial of a sweep (the sweep draws its own once, at
+    # its end: a trial on cached features takes seconds, its pictures about as long); all; none
+    pictures: str = "auto"
 
 
 @dataclass
@@ -454,6 +457,7 @@ def check_values(cfg: RunConfig) -> list[str]:
          "mlflow" in cfg.tracking.backends and set(cfg.tracking.backends) <= {"mlflow", "tensorboard", "wandb"},
          "mlflow (it holds runs, resumes and sweeps) plus any of tensorboard, wandb"),
         ("data.bad_lines", d.bad_lines, d.bad_lines in ("error", "skip", "truncate"), "error, skip or truncate"),
+        ("tracking.pictures", cfg.tracking.pictures, cfg.tracking.pictures in ("auto", "all", "none"), "auto, all or none"),
         ("data.missing_labels", d.missing_labels, d.missing_labels in ("error", "drop"), "error or drop"),
         ("data.text_field", d.text_field, isinstance(d.text_field, (str, int)) or (
             isinstance(d.text_field, (list, tuple)) and len(d.text_field) > 0), "a column name, a 0-based position or a list of them"),

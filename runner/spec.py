@@ -47,6 +47,12 @@ class Run:
     precision: str = "fp32"  # what precision=auto resolved to on this machine (fp32, bf16, fp16): saved with models
     pruning: Any = None  # runner.pruning.Pruning: this job is a trial of a search that prunes
 
+    @property
+    def draws_pictures(self) -> bool:
+        """Whether this job draws report pictures (tracking.pictures: auto skips them in sweep trials)."""
+        choice = self.cfg.tracking.pictures
+        return choice == "all" or (choice == "auto" and "sweep_id" not in self.tags)
+
     def fingerprint(self) -> dict[str, str]:
         """The flattened config values that decide what is computed (a checkpoint must match them)."""
         tree = json.loads(json.dumps(dataclasses.asdict(self.cfg), default=enum_value))

@@ -123,6 +123,8 @@ class MLflowSweepCallback(Callback):
         if self.tracker is None or self.finished:
             return
         self.finished = True
+        if self.tracker.run_id:
+            self.tracker.flush()
         if self.study is not None and self.study.running():
             return  # other workers still run trials of this study: the last one to end closes the parent
         self.tracker.finish(status)

@@ -75,12 +75,13 @@ class Task:
         columns = [torch.cat([s[2][c] for s in shards]).numpy()[first] for c in range(len(shards[0][2]))]
         return columns, (torch.cat([s[1] for s in shards]).numpy()[first] if has_labels else None)
 
-    def evaluate(self, model, loader, accelerator, split: str, label_names: list, text_ids=None):
-        """(metrics keyed ``split/name``, per-class report or None) of a model on a loader."""
+    def evaluate(self, model, loader, accelerator, split: str, label_names: list, text_ids=None, report: bool = True):
+        """(metrics keyed ``split/name``, per-class report or None) of a model on a loader; ``report=False``
+        skips the per-class report (an evaluation during training: only the final one is kept)."""
         columns, labels = self.outputs(model, loader, accelerator)
-        return self.score(columns, labels, split, label_names, text_ids)
+        return self.score(columns, labels, split, label_names, text_ids, report=report)
 
-    def score(self, columns: list[np.ndarray], labels, split: str, label_names: list, text_ids=None):
+    def score(self, columns: list[np.ndarray], labels, split: str, label_names: list, text_ids=None, report: bool = True):
         """Metrics of model outputs (head outputs, or one embedding per text column) against the targets;
         shared by training's evaluations and ``runner.evaluate``."""
         raise NotImplementedError
@@ -109,12 +110,13 @@ class Classify(Task):
             raise RunnerError(f"task.positive_label={wanted!r} is not a label of the training data: {label_names}")
         return names.index(str(wanted).strip())
 
-    def score(self, columns, labels, split, label_names, text_ids=None):
+    def score(self, columns, labels, split, label_names, text_ids=None, report=True):
         from runner.metrics import class_report, classification_metrics
 
         [logits] = columns
         positive = self.positive_index(label_names) if len(label_names) == 2 else None
-        return classification_metrics(logits, labels, split, positive), class_report(logits, labels, label_names)
+        return (classification_metrics(logits, labels, split, positive),
+                class_report(logits, labels, label_names) if report else None)
 
 
 class MultiLabel(Task):
@@ -122,7 +124,7 @@ class MultiLabel(Task):
     default_loss = {"_target_": "runner.losses.BinaryCrossEntropy"}
     metric_names = ("f1_micro", "f1_macro", "precision_micro", "recall_micro", "exact_match", "loss")
 
-    def score(self, columns, labels, split, label_names, text_ids=None):
+    def score(self, columns, labels, split, label_names, text_ids=None, report=True):
         from runner.metrics import multilabel_metrics
 
         [logits] = columns
@@ -140,7 +142,7 @@ class Regress(Task):
     def scale_targets(self, labels):
         return scale_scores(labels, self.cfg.score_range)
 
-    def score(self, columns, labels, split, label_names, text_ids=None):
+    def score(self, columns, labels, split, label_names, text_ids=None, report=True):
         from runner.metrics import correlation_metrics
 
         [scores] = columns
@@ -166,7 +168,7 @@ class PairSimilarity(EmbeddingTask):
     def scale_targets(self, labels):
         return scale_scores(labels, self.cfg.score_range)
 
-    def score(self, columns, labels, split, label_names, text_ids=None):
+    def score(self, columns, labels, split, label_names, text_ids=None, report=True):
         from runner.losses import paired_similarity
         from runner.metrics import correlation_metrics
 
@@ -181,7 +183,7 @@ class Retrieve(EmbeddingTask):
     default_loss = {"_target_": "runner.losses.MultipleNegativesRanking"}
     metric_names = ("triplet_accuracy", "mrr_at_10", "recall_at_1", "recall_at_10", "ndcg_at_10")
 
-    def score(self, columns, labels, split, label_names, text_ids=None):
+    def score(self, columns, labels, split, label_names, text_ids=None, report=True):
         from runner.metrics import retrieval_metrics
 
         return retrieval_metrics(columns, text_ids, self.cfg.similarity.value, split), None

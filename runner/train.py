@@ -73,6 +73,7 @@ def fit(parts: LoopParts, state: TrainState, cfg: TrainConfig, events: Events, m
     bar = tqdm(total=total, initial=state.step, disable=not (cfg.progress and accelerator.is_main_process), unit="step")
     model.train()
     running, tic = torch.tensor(state.loss_sum, device=accelerator.device), time.perf_counter()
+    trained = [p for p in model.parameters() if p.requires_grad]  # clipping walks these only (not a frozen encoder)
     with STOP.deferred():  # a signal now ends the step, checkpoints and stops (runner/signals.py)
         while state.step < total and not state.stop:
             parts.sampler.start(state.epoch, state.batch)
@@ -81,7 +82,7 @@ def fit(parts: LoopParts, state: TrainState, cfg: TrainConfig, events: Events, m
                     loss = parts.loss_fn(model, batch)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        accelerator.clip_grad_norm_(trained, cfg.max_grad_norm)
                     parts.optimizer.step()
                     parts.scheduler.step()
                     parts.optimizer.zero_grad(set_to_none=True)

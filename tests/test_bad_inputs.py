@@ -82,9 +82,8 @@ def small_vocabulary_model(tmp):
 
 
 def pickle_only_model(tmp):
-    from transformers import BertConfig, BertModel
-
     import torch
+    from transformers import BertConfig, BertModel
 
     model = BertModel(BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                  intermediate_size=64))

@@ -88,7 +88,7 @@ def optuna_args(storage: str, n_trials: int, *extra: str) -> list[str]:
 
 def test_optuna_search_sweep_trials_folds_and_resume(sweep):
     storage = f"sqlite:///{sweep.dir / 'optuna.db'}"
-    sweep(*optuna_args(storage, 2), name="first")
+    sweep(*optuna_args(storage, 2, "tracking.pictures=all"), name="first")  # trial and fold pictures too, when asked
     study = optuna.load_study(study_name="test-head_lr", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
 
@@ -125,6 +125,9 @@ def test_optuna_search_sweep_trials_folds_and_resume(sweep):
     assert len(parents) == 1 and len(children) == 4  # one study, one parent: 3 trials + the killed one
     assert parents[0].info.status == "FINISHED"
     assert client.get_run(killed.info.run_id).info.status == "KILLED"
+    new = sweep.dir / "second" / str(max(t.number for t in trials))  # tracking.pictures=auto: none per trial
+    assert (new / "metrics.json").exists() and not (new / "report").exists()
+    assert not list(new.glob("folds/fold-*/report")) and (sweep.dir / "second" / "report" / "trials.png").exists()
 
 
 def test_a_killed_trial_is_retried_first_from_its_own_checkpoint(sweep):
