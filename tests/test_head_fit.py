@@ -38,6 +38,8 @@ def test_the_vector_loop_trains_the_same_head_as_the_generic_loop(make_run, tmp_
 def test_a_head_on_vectors_checkpoints_only_steps_asked_for_and_resumes(make_run, tmp_path, monkeypatch):
     """Epoch ends are seconds apart here: checkpointed only when the last checkpoint is old. Steps asked for by
     train.checkpoint_every are checkpointed, and a killed run resumes from them to the same weights."""
+    from runner import checkpoint
+
 
     args = ["mode=head_only", "train.epochs=2", "train.checkpoint_every=4", "train.keep_checkpoints_after_run=true",
             "train.keep_checkpoints=5"]
@@ -51,7 +53,7 @@ def test_a_head_on_vectors_checkpoints_only_steps_asked_for_and_resumes(make_run
     def crash(kind, step):
         if (kind, step) == ("step", 10):
             raise Kill()
-    monkeypatch.setattr(head_fit, "crash_point", crash)
+    monkeypatch.setattr(checkpoint, "crash_point", crash)
     with pytest.raises(Kill):
         job.execute(make_run(*args, f"output_dir={tmp_path / 'killed'}"))
     monkeypatch.undo()

@@ -336,6 +336,7 @@ def test_a_sigkilled_process_resumes_to_the_same_weights_and_history(tmp_path, m
     assert history(uri, "killed")[1] == history(uri, "whole")[1]
 
 
+@pytest.mark.slow  # three processes of 40 epochs: the default suite stays under 10 minutes
 def test_ctrl_c_in_the_default_layout_then_the_printed_command_finishes_the_same_run(tmp_path):
     """The default timestamped layout: the printed command (and the same command, through train.resume=auto)
     continue the interrupted folder and MLflow run, to the metrics of an uninterrupted run."""
