@@ -90,7 +90,7 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
     folds = check_folds(data, cfg.cv)
     chosen = range(cfg.cv.folds) if cfg.cv.only_fold is None else [cfg.cv.only_fold]
     sign = 1 if cfg.objective.direction == Direction.maximize else -1
-    rows, reports, best = [], {}, None
+    rows, reports, best, model = [], {}, None, None
     for i in chosen:
         workdir = out / "folds" / f"fold-{i}"
         done = workdir / "result.json"
@@ -101,7 +101,7 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
             metrics, report = saved["metrics"], saved["reports"]
         else:
             result = run_fold(run, i, folds[i], data, tokenizer, accelerator, tracker, workdir, frozen)
-            metrics, report = result.metrics, result.reports
+            metrics, report, model = result.metrics, result.reports, result.model
         value = metrics[cfg.objective.metric]
         if result is not None and accelerator.is_main_process:
             if cfg.save_model and cfg.cv.keep_models == KeepModels.all:
@@ -124,7 +124,7 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
     log.info("cv: %s", "  ".join(f"{n}={stats[f'cv/{n}_mean']:.4f}±{stats[f'cv/{n}_std']:.4f}"
                                   for n in rows[0] if n != "fold" and n.startswith("val/")))
     return {"objective": {"metric": f"cv/{metric}_mean", "value": stats[f"cv/{metric}_mean"]},
-            "metrics": stats, "folds": rows, "reports": reports}
+            "metrics": stats, "folds": rows, "reports": reports, "model": model}
 
 
 def run_fold(run: Run, i: int, split: tuple[np.ndarray, np.ndarray], data: Dataset, tokenizer, accelerator,

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from runner import artifact, cv, runfolder
@@ -115,19 +116,25 @@ def check_teacher(teacher: str | None) -> None:
 
 
 def train_and_report(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tracker, out: Path) -> float:
-    """The work of a checked job: train (k-fold or once), save, write the outputs; the objective."""
+    """The work of a checked job: train (k-fold or once), save, write the outputs; the objective (a list of
+    values when ``objective.metrics`` names several)."""
     cfg = run.cfg
+    started = time.perf_counter()
     tracker.log_params(dataclasses.asdict(cfg))
     frozen = job_features(run, data, tokenizer, accelerator) if uses_frozen_features(run, data) else None
     if frozen is not None:
         tracker.log_metrics({"cache/hits": frozen.hits, "cache/misses": frozen.misses})
     if cfg.cv.folds > 1:
         summary = cv.cross_validate(run, data, tokenizer, accelerator, tracker, out, frozen)
+        model = summary.pop("model")
     else:
         result = fit_and_evaluate(run, data, tokenizer, accelerator, tracker, out, frozen)
-        summary = single_summary(run, result)
+        summary, model = single_summary(run, result), result.model
         if accelerator.is_main_process and cfg.save_model:
             artifact.save_trained(run, result.model, tokenizer, data.label_names, out / "model", result.metrics)
+    costs = {"train/seconds": time.perf_counter() - started, **job_costs(run, model, tokenizer, data)}
+    tracker.log_metrics(costs)
+    summary["metrics"].update(costs)
     if accelerator.is_main_process:
         if cfg.save_model and cfg.tracking.log_model and (out / "model" / "runner_model.json").exists():
             if tracker.run_id:
@@ -137,7 +144,34 @@ def train_and_report(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
         write_outputs(run, data, summary, out, tracker)
     objective = summary["objective"]["value"]
     log.info("objective %s = %.4f", summary["objective"]["metric"], objective)
+    if cfg.objective.metrics:  # a Pareto search: every objective, the first as above
+        values = [objective, *(objective_value(summary["metrics"], m) for m in cfg.objective.metrics[1:])]
+        log.info("objectives %s", "  ".join(f"{m}={v:.4g}" for m, v in zip(cfg.objective.metrics, values)))
+        return values
     return objective
+
+
+def objective_value(metrics: dict[str, float], name: str) -> float:
+    """An objective's value in a job's metrics: the fold mean under k-fold, else the metric itself."""
+    return metrics.get(f"cv/{name}_mean", metrics.get(name))
+
+
+def job_costs(run: Run, model, tokenizer, data: Dataset) -> dict[str, float]:
+    """The trained model's cost metrics (runner.costs); latency only when an objective asks for it."""
+    from runner.costs import model_costs
+
+    if model is None:  # every fold was finished before this resumed job: no model in this process
+        if any(m.startswith("model/") for m in run.cfg.objective.metrics or []):
+            raise RunnerError("the cost objectives need a model trained in this process, and every fold of this "
+                              "resumed job had finished: rerun it with train.resume=never")
+        return {}
+    latency = any(m.startswith("model/latency") for m in run.cfg.objective.metrics or [])
+    if latency and tokenizer is None:
+        raise RunnerError("model/latency_ms measures the encoder on texts; this model reads given embeddings")
+    split = data.validation or data.train
+    texts = split.columns[0][:64] if tokenizer is not None else []
+    texts = [t if isinstance(t, str) else str(t) for t in texts]
+    return model_costs(model, tokenizer, texts, run.cfg.model.max_length, run.cfg.model.text_prefix, latency)
 
 
 def resume_here(run: Run) -> Run:
@@ -184,6 +218,12 @@ def check_objective(run: Run, data: Dataset) -> None:
     cfg = run.cfg
     splits = ["val"] + (["test"] if data.test is not None else [])
     known = [f"{s}/{m}" for s in splits for m in run.task.metrics_for(data.label_names)]
+    from runner.costs import COSTS
+
+    extra = [m for m in (cfg.objective.metrics or [])[1:] if m not in known and m not in COSTS]
+    if extra:
+        raise RunnerError(f"objective.metrics: {', '.join(extra)} is not a metric of this run; choose among "
+                          f"{', '.join(known)} or the costs {', '.join(COSTS)}")
     if cfg.objective.metric not in known:
         raise RunnerError(f"objective.metric={cfg.objective.metric} is not a metric of this run; choose one of "
                           f"{', '.join(known)}")

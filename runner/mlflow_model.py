@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow.pyfunc
+import pandas as pd
 
 log = logging.getLogger("runner")
 
@@ -34,7 +35,9 @@ class RunnerModel(mlflow.pyfunc.PythonModel):
 
         self.predictor = Predictor(Path(context.artifacts["runner_model"]))
 
-    def predict(self, context, model_input, params=None):
+    # A DataFrame type hint: MLflow then relies on the explicit signature below instead of type-hint validation
+    # (and does not advise adding hints after every run)
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         import numpy as np
 
         meta, params = self.predictor.meta, params or {}
@@ -58,7 +61,6 @@ def requirements() -> list[str]:
 def log_pyfunc(client, run_id: str, folder: Path, register: str | None = None) -> None:
     """Save the pyfunc flavour of ``folder`` and log it as the run's ``model/`` artifact (optionally registered)."""
     import mlflow
-    import pandas as pd
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 

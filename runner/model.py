@@ -20,7 +20,6 @@ def quiet_libraries() -> None:
     bar and log lines are the output, and a successful run ends on its metrics (new users read any library
     warning after them as a problem)."""
     import logging
-    import warnings
 
     from transformers.utils import logging as hf_logging
 
@@ -28,8 +27,6 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # and if it already was
-    # the pyfunc model declares its signature explicitly (runner.mlflow_model): type hints would add nothing
-    warnings.filterwarnings("ignore", message=r"(?s).*Add type hints to the `predict` method")
 
 
 def load_tokenizer(cfg: ModelConfig):

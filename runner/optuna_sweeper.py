@@ -129,10 +129,17 @@ class ResumableOptunaSweeper(OptunaSweeper):
         if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             raise RunnerError(f"study {impl.study_name!r}: every trial was pruned, none completed: loosen "
                               f"hydra.sweeper.pruner (e.g. n_startup_trials or n_warmup_steps)")
-        best = study.best_trial
-        log.info("best of %s: %s = %s", impl.study_name, best.params, best.value)
-        OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": best.params, "best_value": best.value}),
-                       f"{self.config.hydra.sweep.dir}/optimization_results.yaml")
+        if len(study.directions) > 1:  # a Pareto search: the front, not one best trial
+            front = study.best_trials
+            log.info("Pareto front of %s: %d trials: %s", impl.study_name, len(front),
+                     "; ".join(f"trial {t.number} {t.values}" for t in front))
+            results = {"name": "optuna", "pareto_front": [{"number": t.number, "params": t.params, "values": t.values}
+                                                          for t in front]}
+        else:
+            best = study.best_trial
+            log.info("best of %s: %s = %s", impl.study_name, best.params, best.value)
+            results = {"name": "optuna", "best_params": best.params, "best_value": best.value}
+        OmegaConf.save(OmegaConf.create(results), f"{self.config.hydra.sweep.dir}/optimization_results.yaml")
 
     def launch(self, trials: Trials, batch: list, overrides: list) -> None:
         """Run a batch of trials, each as job number = trial number, beating while they run; tell results."""
@@ -265,8 +272,9 @@ class Trials:
             if ret.status == JobStatus.COMPLETED and "pruned_at" in self.storage.get_trial(trial._trial_id).user_attrs:
                 self.study.tell(trial, state=TrialState.PRUNED)  # its value: the last one it reported
                 log.info("trial %d pruned", trial.number)
-            elif ret.status == JobStatus.COMPLETED:
-                self.study.tell(trial, float(ret.return_value))
+            elif ret.status == JobStatus.COMPLETED:  # a number, or one per objective (objective.metrics)
+                value = ret.return_value
+                self.study.tell(trial, [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value))
             else:
                 self.study.tell(trial, state=TrialState.FAIL)
         except (ValueError, TypeError, RuntimeError) as err:  # finished by another worker that found it stale

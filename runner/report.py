@@ -126,7 +126,7 @@ def sweep_report(sweep_dir: Path, table, study=None) -> list[Path]:
     if len(done):
         done["order"] = done["job"].astype(str).str.extract(r"(\d+)", expand=False).astype(float)
         done = done.sort_values("order")
-        maximize = study is None or study.direction.name == "MAXIMIZE"
+        maximize = study is None or study.directions[0].name == "MAXIMIZE"  # the first objective (Pareto searches)
         pruned = done["status"] == "PRUNED"
         finished = done[~pruned]
         best = (finished["value"].cummax() if maximize else finished["value"].cummin()) if len(finished) else None
@@ -145,10 +145,10 @@ def sweep_report(sweep_dir: Path, table, study=None) -> list[Path]:
         import optuna
 
         complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if len(complete) >= 2 and len(study.best_params) >= 1:
+        if len(complete) >= 2 and len(complete[0].params) >= 1:
             with warnings.catch_warnings():  # "quantiles select the same set of trials": a note, not a problem
                 warnings.simplefilter("ignore")
-                importances = optuna.importance.get_param_importances(study)
+                importances = optuna.importance.get_param_importances(study, target=lambda t: t.values[0])
             fig, ax = plt.subplots(figsize=(6, 0.5 * len(importances) + 1.5))
             ax.barh(list(importances)[::-1], list(importances.values())[::-1])
             ax.set(xlabel="importance (fANOVA)", title=f"parameter importances ({len(complete)} trials)")
@@ -156,3 +156,34 @@ def sweep_report(sweep_dir: Path, table, study=None) -> list[Path]:
     lines = [f"# sweep {sweep_dir.name}", "", "Best first: `summary.csv`.", "", *[f"![{f.stem}]({f.name})\n" for f in files]]
     (folder / "report.md").write_text("\n".join(lines))
     return [*files, folder / "report.md"]
+
+
+def pareto_report(sweep_dir: Path, study, names: list[str]) -> list[Path]:
+    """pareto.png: every COMPLETE trial by its objectives, the Pareto front marked and joined (two objectives;
+    each pair of objectives for three or more)."""
+    import itertools
+
+    import optuna
+
+    plt = pyplot()
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    front = {t.number for t in study.best_trials}
+    if not complete:
+        return []
+    names = names or [f"objective {i}" for i in range(len(study.directions))]
+    pairs = list(itertools.combinations(range(len(names)), 2))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4.5), squeeze=False)
+    for ax, (i, j) in zip(axes[0], pairs):
+        others = [t for t in complete if t.number not in front]
+        best = sorted((t for t in complete if t.number in front), key=lambda t: t.values[i])
+        ax.scatter([t.values[i] for t in others], [t.values[j] for t in others], color="tab:gray", label="trial")
+        ax.plot([t.values[i] for t in best], [t.values[j] for t in best], "o-", color="tab:red", label="Pareto front")
+        for t in best:
+            ax.annotate(str(t.number), (t.values[i], t.values[j]), textcoords="offset points", xytext=(4, 4))
+        arrows = [("higher" if d == optuna.study.StudyDirection.MAXIMIZE else "lower") for d in study.directions]
+        ax.set(xlabel=f"{names[i]} ({arrows[i]} is better)", ylabel=f"{names[j]} ({arrows[j]} is better)",
+               title=f"{len(best)} of {len(complete)} trials on the front")
+        ax.legend()
+    folder = sweep_dir / "report"
+    folder.mkdir(exist_ok=True)
+    return [save(fig, folder / "pareto.png")]

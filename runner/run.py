@@ -152,6 +152,14 @@ def build_run(cfg: DictConfig, choices: dict[str, str]) -> Run:
     if problems:
         raise RunnerError("; ".join(problems))
     typed = OmegaConf.to_object(cfg)
+    objective = typed.objective
+    if objective.metrics is not None or objective.directions is not None:
+        metrics, directions = list(objective.metrics or []), list(objective.directions or [])
+        if not metrics or len(metrics) != len(directions) or len(set(metrics)) != len(metrics):
+            raise RunnerError(f"objective.metrics={metrics} and objective.directions={[d.value for d in directions]} must "
+                              f"name as many distinct metrics as directions (e.g. [val/accuracy, model/latency_ms] and "
+                              f"[maximize, minimize])")
+        objective.metric, objective.direction = metrics[0], directions[0]  # the one model selection follows
     problems = schema.check_values(typed)
     if problems:
         raise RunnerError("; ".join(problems))

@@ -378,6 +378,12 @@ class CacheConfig:
 class ObjectiveConfig:
     metric: str = "val/accuracy"
     direction: Direction = Direction.maximize
+    # Several objectives (a Pareto search): e.g. [val/accuracy, model/latency_ms] with [maximize, minimize]. The
+    # first is the one model selection and early stopping follow (it replaces metric/direction); the others may
+    # be any metric of the run or a cost: model/latency_ms, model/latency_ms_batch32, model/parameters,
+    # model/trainable_parameters, model/size_mb, train/seconds (runner/costs.py)
+    metrics: list[str] | None = None
+    directions: list[Direction] | None = None
 
 
 @dataclass

@@ -109,13 +109,15 @@ class MLflowSweepCallback(Callback):
             account = search_account(study)
             self.tracker.log_metrics(account)
             log.info("search: %s", "  ".join(f"{k}={v:g}" for k, v in account.items()))
+            if len(study.directions) > 1:
+                table = mark_pareto(config, self.tracker, study, table)
         if table is not None and len(table):
             from runner.report import sweep_report
 
             for picture in sweep_report(sweep_dir, table, study):
                 self.tracker.log_artifact(picture, "report")
         if table is not None and len(table):
-            shown = table[["job", "status", "value", "cv_std", "overrides"]]
+            shown = table[["job", "status", "value", "cv_std", *(["pareto"] if "pareto" in table else []), "overrides"]]
             log.info("sweep summary (best first), %s:\n%s", sweep_dir / "summary.csv", shown.to_string(index=False))
         self.close("FINISHED")
 
@@ -286,6 +288,28 @@ def write_summary(config: DictConfig, parent_id: str):
     table.to_csv(tmp, index=False)
     os.replace(tmp, path)  # atomic: parallel workers may rewrite it at the same time
     client.log_artifact(parent_id, str(path))
+    return table
+
+
+def mark_pareto(config: DictConfig, tracker: Tracker, study, table):
+    """A Pareto search: its front (COMPLETE trials no other dominates, as Optuna computes it) tagged on the
+    trials' MLflow runs (``pareto=true``) and the parent (``pareto_trials``), marked in summary.csv, drawn in
+    report/pareto.png."""
+    from runner.report import pareto_report
+
+    front = sorted(t.number for t in study.best_trials)
+    tracker.set_tags({"pareto_trials": ",".join(map(str, front)), "objectives": ",".join(
+        config.objective.metrics or [config.objective.metric])})
+    table["pareto"] = table["job"].astype(str).isin([str(n) for n in front])
+    for run_id in table.loc[table["pareto"], "run_id"]:
+        tracker.client.set_tag(run_id, "pareto", "true")
+    path = Path(config.hydra.sweep.dir) / "summary.csv"
+    table.to_csv(path, index=False)
+    tracker.log_artifact(path)
+    names = list(config.objective.metrics or [])
+    for picture in pareto_report(Path(config.hydra.sweep.dir), study, names):
+        tracker.log_artifact(picture, "report")
+    log.info("Pareto front (%s): trials %s", ", ".join(names), front)
     return table
 
 

@@ -153,3 +153,50 @@ def test_a_pruner_with_two_objectives_is_refused_before_any_trial(tmp_path):
     assert done.returncode == 1
     assert "Optuna prunes single-objective searches only" in done.stdout + done.stderr
     assert not list((tmp_path / "sweep").glob("0"))
+
+
+# ------------------------------------------------------------------------------------------ Pareto searches
+
+
+def dominated(a: list[float], b: list[float], maximize: list[bool]) -> bool:
+    """Whether ``a`` is dominated by ``b``: no worse in every objective, better in one."""
+    better = [(y > x) if up else (y < x) for x, y, up in zip(a, b, maximize)]
+    worse = [(y < x) if up else (y > x) for x, y, up in zip(a, b, maximize)]
+    return any(better) and not any(worse)
+
+
+def test_a_two_objective_search_marks_its_pareto_front(tmp_path):
+    from tests.conftest import make_sentences, write_csv
+
+    write_csv(tmp_path / "train.csv", make_sentences(90, 0, labels=("pos", "neg", "meh")))
+    done = subprocess.run(
+        [sys.executable, "-m", "runner", "-m", "hparams_search=head_pareto", "model=tiny", "data=csv",
+         "data.train=train.csv", "cv.folds=2", "train.epochs=1", "train.progress=false", "hydra.sweeper.n_trials=6",
+         f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=pareto"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    study = optuna.load_study(study_name="pareto-head_pareto", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 6 and all(len(t.values) == 2 and t.values[1] > 0 for t in complete)
+    brute = sorted(t.number for t in complete
+                   if not any(dominated(t.values, o.values, [True, False]) for o in complete if o is not t))
+    assert brute and sorted(t.number for t in study.best_trials) == brute
+    import pandas as pd
+
+    summary = pd.read_csv(tmp_path / "sweep" / "summary.csv")
+    assert sorted(summary.loc[summary["pareto"], "job"]) == brute
+    with sqlite3.connect(tmp_path / "mlflow.db") as con:
+        tagged = dict(con.execute("select key, value from tags where key in ('pareto_trials', 'objectives')").fetchall())
+        pareto_runs = con.execute("select count(*) from tags where key = 'pareto' and value = 'true'").fetchone()[0]
+        costs = [r[0] for r in con.execute("select distinct key from latest_metrics where key like 'model/%'")]
+    assert tagged == {"pareto_trials": ",".join(map(str, brute)), "objectives": "val/accuracy,model/latency_ms"}
+    assert pareto_runs == len(brute)
+    assert {"model/latency_ms", "model/latency_ms_batch32", "model/parameters", "model/size_mb"} <= set(costs)
+    assert (tmp_path / "sweep" / "report" / "pareto.png").stat().st_size > 10_000
+
+
+def test_objectives_and_directions_must_pair(tmp_path):
+    done = cli(tmp_path, "hydra.sweeper.n_trials=1", "objective.metrics=[val/accuracy,model/latency_ms]",
+               "objective.directions=[maximize]")
+    assert done.returncode == 1 and "must name as many distinct metrics as directions" in done.stdout + done.stderr
