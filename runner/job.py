@@ -132,9 +132,10 @@ def train_and_report(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
         summary, model = single_summary(run, result), result.model
         if accelerator.is_main_process and cfg.save_model:
             artifact.save_trained(run, result.model, tokenizer, data.label_names, out / "model", result.metrics)
-    costs = {"train/seconds": time.perf_counter() - started, **job_costs(run, model, tokenizer, data)}
-    tracker.log_metrics(costs)
-    summary["metrics"].update(costs)
+    # what the model costs (runner/costs.py): in MLflow and metrics.json's "costs", apart from the metrics, which
+    # are the same whenever the same job runs again (a resumed job, a cached one); train/seconds never is
+    summary["costs"] = {"train/seconds": time.perf_counter() - started, **job_costs(run, model, tokenizer, data)}
+    tracker.log_metrics(summary["costs"], summary.get("steps", 0))  # at the last step: W&B steps only go forward
     if accelerator.is_main_process:
         if cfg.save_model and cfg.tracking.log_model and (out / "model" / "runner_model.json").exists():
             if tracker.run_id:
@@ -145,7 +146,8 @@ def train_and_report(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
     objective = summary["objective"]["value"]
     log.info("objective %s = %.4f", summary["objective"]["metric"], objective)
     if cfg.objective.metrics:  # a Pareto search: every objective, the first as above
-        values = [objective, *(objective_value(summary["metrics"], m) for m in cfg.objective.metrics[1:])]
+        values = [objective, *(objective_value({**summary["metrics"], **summary["costs"]}, m)
+                               for m in cfg.objective.metrics[1:])]
         log.info("objectives %s", "  ".join(f"{m}={v:.4g}" for m, v in zip(cfg.objective.metrics, values)))
         return values
     return objective

@@ -25,6 +25,9 @@ def test_default_job_trains_minilm_on_the_demo_data_and_logs_to_mlflow(tmp_path)
     assert "objective val/accuracy = " in out.stdout
     value = float(out.stdout.split("objective val/accuracy = ")[1].split()[0])
     assert value >= 0.8  # three easy topics: MiniLM separates them within the default 3 epochs
+    # quiet success: after the metrics, only the runner's own lines (no library warnings or INFO notes)
+    after = (out.stdout + out.stderr).split("step 15: val/accuracy=")[1].splitlines()[1:]
+    assert [line.split(" ")[0] for line in after if line.strip()] == ["model", "objective"], after
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["objective"]["value"] == pytest.approx(value, abs=1e-4)  # printed with 4 decimals

@@ -63,13 +63,13 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def history(uri: str, experiment: str) -> tuple[str, dict[str, list[tuple[int, float]]]]:
-    """(run id, metric -> [(step, value)]) of the experiment's one job run; throughput is left out."""
+    """(run id, metric -> [(step, value)]) of the experiment's one job run; throughput and time are left out."""
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     assert len(runs) == 1, "a resumed run continues its MLflow run instead of opening another"
     run = runs[0]
     assert run.info.status == "FINISHED"
-    keys = [k for k in run.data.metrics if k != "train/samples_per_s" and not k.startswith("cache/")]
+    keys = [k for k in run.data.metrics if k not in ("train/samples_per_s", "train/seconds") and not k.startswith("cache/")]
     return run.info.run_id, {k: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, k))
                              for k in keys}
 
