@@ -224,6 +224,7 @@ def cli(tmp_path: Path, *extra: str, env: dict | None = None, layout: str = "nam
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow  # the in-process resume matrix kills while writing a checkpoint too
 def test_sigkill_while_writing_a_checkpoint_then_the_same_command_resumes(tmp_path):
     killed = cli(tmp_path, env={"RUNNER_CRASH_AT": "checkpoint:8"})
     out, _ = killed.communicate(timeout=300)
@@ -251,7 +252,8 @@ def wait_until_training(proc: subprocess.Popen) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow),
+                                 pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)], ids=lambda s: s.name)
 def test_a_signal_checkpoints_marks_the_run_killed_and_exits_128_plus_it(tmp_path, sig):
     proc = cli(tmp_path, "train.epochs=200")
     lines = wait_until_training(proc)
@@ -370,6 +372,7 @@ def test_ctrl_c_in_the_default_layout_then_the_printed_command_finishes_the_same
     assert interrupted == pytest.approx(uninterrupted, abs=1e-6)
 
 
+@pytest.mark.slow  # three CLI processes; the default suite stays under 10 minutes
 def test_the_same_command_continues_the_newest_unfinished_run_of_its_config(tmp_path):
     """train.resume=auto (the default) in the default layout: an interrupted run is picked up by the same
     command; a run of another config is not."""
