@@ -35,13 +35,11 @@ class Payload:
 
 
 def run_tool(main, args: list[str], capsys) -> tuple[int, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    captured = capsys.readouterr()
-    return code, captured.err
+    """(exit code, standard error) of a tool's main."""
+    from tests.test_predict import run_tool as run
+
+    code, _, err = run(main, args, capsys)
+    return code, err
 
 
 @pytest.fixture(scope="module")
