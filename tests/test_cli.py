@@ -82,3 +82,14 @@ def test_the_readme_mlflow_ui_command_serves_the_store(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_preset_that_is_a_search_runs_without_dash_m():
+    """experiment=trec_kfold_search sets hydra.mode: MULTIRUN; Hydra refuses a mode changed in composition, so the
+    command line gets the -m it implies (the search itself runs in tests/test_documented_commands.py)."""
+    from runner import cli
+    from runner.run import CONF_DIR
+
+    assert cli.implied_multirun(["experiment=trec_kfold_search", "cv.folds=5"], CONF_DIR)
+    assert not cli.implied_multirun(["-m", "experiment=trec_kfold_search"], CONF_DIR)  # already there
+    assert not cli.implied_multirun(["experiment=sst2_peft"], CONF_DIR) and not cli.implied_multirun(["data=csv"], CONF_DIR)

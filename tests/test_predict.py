@@ -14,6 +14,7 @@ import pytest
 
 from runner import job
 from runner.evaluate import main as evaluate_main
+from runner.export import main as export_main
 from runner.metrics import classification_metrics, correlation_metrics, multilabel_metrics
 from runner.predict import main as predict_main
 from tests.conftest import multi_label_rows, triplet_sentence, write_csv
@@ -159,10 +160,19 @@ def test_bad_inputs_are_one_clear_message(make_run, toy_data, tmp_path, capsys):
         ([f"model_dir={model}", "text=a", "top_k=0"], "top_k=0 must be at least 1"),
         ([f"model_dir={model}", "text=a", "colour=red"], "Key 'colour' not in 'PredictConfig'"),
         ([f"model_dir={model}", "text=a", "backend=tensorflow"], "backend='tensorflow': choose torch, onnx or onnx-int8"),
+        ([f"model_dir={model}", "text=a", "batch_size=0"], "batch_size=0 must be at least 1"),
+        ([f"model_dir={model}", "text=a", f"output={write_csv(tmp_path / 'f.csv', [])}/pred.jsonl"],
+         "output=" + str(tmp_path / "f.csv") + "/pred.jsonl: cannot write there"),
+        ([f"model_dir={model}", "text=a", f"output={tmp_path}"], "is a folder: give a file path"),
     ]
     for args, message in cases:
         code, out, err = run_tool(predict_main, args, capsys)
         assert code == 1 and message in err and "Traceback" not in err, (args, err)
+    for main, args, message in (
+            (evaluate_main, [f"data.test={toy_data['test']}", f"output_dir={tmp_path / 'f.csv'}/eval"], "cannot write there"),
+            (export_main, [f"output={tmp_path / 'f.csv'}/onnx"], "cannot write there")):
+        code, _, err = run_tool(main, [f"model_dir={model}", *args], capsys)
+        assert code == 1 and message in err and "Traceback" not in err, err
     meta = json.loads((model / "runner_model.json").read_text())
     (model / "runner_model.json").write_text(json.dumps({**meta, "format_version": 99}))
     for main, args in ((predict_main, ["text=a"]), (evaluate_main, [f"data.test={toy_data['test']}"])):

@@ -71,6 +71,10 @@ def test_grid_sweep_is_one_parent_with_a_child_per_job_and_a_summary(sweep):
 def test_a_failed_grid_job_is_failed_and_the_others_keep_their_results(sweep):
     out = sweep("train.lr=1e-3,-1,1e30", "train.max_grad_norm=0", "train.log_every=1", expect_ok=False)
     assert out.returncode != 0  # Hydra reports the failure after every job has run
+    printed = out.stdout + out.stderr
+    assert "job 1 failed: train.lr=-1.0 must be a positive number (traceback in" in printed
+    assert "Traceback" not in printed  # one line per failed job; the traceback is in the job's runner.log
+    assert "Traceback" in (sweep.dir / "sweep" / "1" / "runner.log").read_text()
     parents, kids = tree(sweep.uri)
     jobs = {j.data.tags["job_num"]: j for j in kids[parents[0].info.run_id]}
     assert jobs["0"].info.status == "FINISHED"
