@@ -111,11 +111,17 @@ class Pruning:
 
 
 def from_hydra(hydra_cfg, is_main: bool = True) -> Pruning | None:
-    """The job's :class:`Pruning` when it is a trial of a runner Optuna search with a pruner, else None."""
-    sweeper = hydra_cfg.sweeper
-    if "runner.optuna_sweeper" not in str(sweeper.get("_target_", "")) or sweeper.get("pruner") is None:
-        return None
+    """The job's :class:`Pruning` when it is a trial of a single-objective runner Optuna search, else None.
+    Without a pruner it still reports (``NopPruner`` never prunes): every search records its intermediate values
+    and what each trial trained, so an unpruned search's account (sweep/trainings_run) is comparable."""
     from omegaconf import OmegaConf
 
-    spec = OmegaConf.to_container(sweeper.pruner, resolve=True)
+    sweeper = hydra_cfg.sweeper
+    if "runner.optuna_sweeper" not in str(sweeper.get("_target_", "")) or not sweeper.get("storage"):
+        return None
+    direction = sweeper.get("direction")
+    if OmegaConf.is_list(direction) and len(direction) > 1:  # Optuna reports intermediate values of one objective
+        return None
+    spec = OmegaConf.to_container(sweeper.pruner, resolve=True) if sweeper.get("pruner") is not None else \
+        {"_target_": "optuna.pruners.NopPruner"}
     return Pruning(sweeper.storage, sweeper.study_name, spec, int(hydra_cfg.job.num), is_main)

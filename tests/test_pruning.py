@@ -141,6 +141,9 @@ def test_a_pruned_trial_is_a_first_class_outcome(tmp_path):
     assert summary.count(",PRUNED,") == len(pruned)
     assert (tmp_path / "sweep" / "report" / "trials.png").exists()
 
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert all(sorted(t.intermediate_values) == [0, 1, 2] for t in complete)  # every fold reported
+    assert metrics["sweep/trainings_run"] == 3 * len(complete) + sum(t.user_attrs["pruned_at"] + 1 for t in pruned)
     again = cli(tmp_path, "hydra.sweeper.n_trials=5", pruner)  # the same command: the study is done
     assert again.returncode == 0, again.stdout + again.stderr
     assert "Launching" not in again.stdout + again.stderr  # no trial runs again, pruned ones included
