@@ -69,8 +69,8 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
     loss_fn = make_loss(run, model, data)
     # fused AdamW: one kernel per step instead of a loop over tensors (the Hugging Face Trainer's default too)
     optimizer = torch.optim.AdamW(param_groups(model, train_cfg.lr, train_cfg.head_lr, train_cfg.weight_decay), fused=True)
-    scheduler = make_scheduler(train_cfg.scheduler.value, optimizer, total_steps(train_cfg, len(train_loader)),
-                               train_cfg.warmup_ratio)
+    total = total_steps(train_cfg, len(train_loader))  # optimizer steps of the whole training
+    scheduler = make_scheduler(train_cfg.scheduler.value, optimizer, total, train_cfg.warmup_ratio)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     train_loader = batching.for_processes(train_loader, accelerator)
     loss_fn.to(accelerator.device)  # not prepared: it holds no trained weights (a teacher is frozen)
@@ -88,14 +88,13 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
             loader = tqdm(eval_loaders[split], desc=f"step {step}: {split}", unit="batch", leave=False,
                           disable=not (train_cfg.progress and accelerator.is_main_process))
             # the per-class report of the last evaluation is the one kept: earlier ones are not computed
-            final = step >= total_steps(train_cfg, len(train_loader)) or split != "val"
+            final = step >= total or split != "val"
             values, report = task.evaluate(model, loader, accelerator, split, data.label_names, text_ids, report=final)
             metrics.update(values)
             last[split] = (step, values, report)
         tracker.log_metrics(metrics, step)
         log.info("step %d: %s", step, format_metrics(metrics))
         if run.pruning is not None and cfg.cv.folds <= 1 and step > 0 and monitor in metrics:  # k-fold reports folds
-            total = total_steps(train_cfg, len(train_loader))
             run.pruning.report(step, metrics[monitor], "step", accelerator, units=(step, total))
         return metrics
 

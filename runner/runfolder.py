@@ -146,7 +146,8 @@ def newest_unfinished(out: Path, config_hash: str, look_at: int = 200) -> Path |
             for root in [folder / "checkpoints", *sorted((folder / "folds").glob("fold-*/checkpoints"))]:
                 steps = sorted(root.glob(f"{checkpoint.PREFIX}*"), reverse=True)
                 if steps and checkpoint.verify(steps[0]) is None:
-                    recorded = json.loads((steps[0] / "state.json").read_text()).get("config_hash")
+                    document = json.loads((steps[0] / "state.json").read_text())
+                    recorded = document.get("config_hash") if isinstance(document, dict) else None
                     break
         if recorded == config_hash:
             return folder
@@ -155,25 +156,28 @@ def newest_unfinished(out: Path, config_hash: str, look_at: int = 200) -> Path |
 
 def move_log(own: Path, target: Path) -> None:
     """This process's runner.log goes on in ``target`` (appended) instead of the folder Hydra made."""
-    root = logging.getLogger()
+    for old in close_log_in(own):
+        moved = logging.FileHandler(target / "runner.log", mode="a", encoding=old.encoding)
+        moved.setFormatter(old.formatter)
+        moved.setLevel(old.level)
+        logging.getLogger().addHandler(moved)
+
+
+def close_log_in(own: Path) -> list[logging.FileHandler]:
+    """Close and detach the root logger's file handlers writing into ``own``; returns them."""
+    root, closed = logging.getLogger(), []
     for handler in list(root.handlers):
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent.resolve() == own.resolve():
-            moved = logging.FileHandler(target / "runner.log", mode="a", encoding=handler.encoding)
-            moved.setFormatter(handler.formatter)
-            moved.setLevel(handler.level)
             root.removeHandler(handler)
             handler.close()
-            root.addHandler(moved)
+            closed.append(handler)
+    return closed
 
 
 def leave(own: Path, agreed: Path) -> None:
     """A rank other than 0 of a launched job: its log file closes and the folder its own Hydra made (with a
     timestamp of its own) goes; the job's files are in rank 0's folder ``agreed``."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent.resolve() == own.resolve():
-            root.removeHandler(handler)
-            handler.close()
+    close_log_in(own)
     if own.resolve() != agreed.resolve():
         remove_if_unused(own)
 
