@@ -8,6 +8,7 @@ model. Every fold is a nested MLflow run tagged ``fold=i``; the job's run gets `
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -91,6 +92,10 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
     chosen = range(cfg.cv.folds) if cfg.cv.only_fold is None else [cfg.cv.only_fold]
     sign = 1 if cfg.objective.direction == Direction.maximize else -1
     rows, reports, best, model = [], {}, None, None
+    pending = [i for i in chosen if not (out / "folds" / f"fold-{i}" / "result.json").exists()]
+    together = folds_together(run, pending, folds, data, tokenizer, accelerator, tracker, out, frozen)
+    # of the folds trained together, only the best can be the job's saved model (keep_models=best)
+    best_together = max(together, key=lambda i: sign * together[i].metrics[cfg.objective.metric], default=None)
     for i in chosen:
         workdir = out / "folds" / f"fold-{i}"
         done = workdir / "result.json"
@@ -100,20 +105,23 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
             saved = json.loads(done.read_text())
             metrics, report = saved["metrics"], saved["reports"]
         else:
-            result = run_fold(run, i, folds[i], data, tokenizer, accelerator, tracker, workdir, frozen)
+            result = together.get(i) or run_fold(run, i, folds[i], data, tokenizer, accelerator, tracker, workdir, frozen)
             metrics, report, model = result.metrics, result.reports, result.model
         value = metrics[cfg.objective.metric]
         if result is not None and accelerator.is_main_process:
             if cfg.save_model and cfg.cv.keep_models == KeepModels.all:
                 save_trained(run, result.model, tokenizer, data.label_names, workdir / "model", metrics)
-            elif cfg.save_model and cfg.cv.keep_models == KeepModels.best and (best is None or sign * value > sign * best):
+            elif cfg.save_model and cfg.cv.keep_models == KeepModels.best and (best is None or sign * value > sign * best) \
+                    and i in (best_together, *set(chosen) - set(together)):
                 save_trained(run, result.model, tokenizer, data.label_names, out / "model", metrics)
             done.parent.mkdir(parents=True, exist_ok=True)  # a fold may have ended before its first checkpoint
             done.write_text(json.dumps({"metrics": metrics, "reports": report}))  # written last: the fold is finished
         rows.append({"fold": i, **metrics})
         reports[f"fold-{i}"] = report
         best = value if best is None or sign * value > sign * best else best
-        if run.pruning is not None:  # after the fold's result is on disk: a pruned trial keeps what it did
+        if run.pruning is not None and together:  # every fold is trained already: stopping saves nothing
+            run.pruning.record("fold", len(rows), len(chosen))
+        elif run.pruning is not None:  # after the fold's result is on disk: a pruned trial keeps what it did
             run.pruning.report(i, value, "fold", accelerator, units=(len(rows), len(chosen)))
     stats = aggregate(rows)
     tracker.log_metrics(stats)
@@ -130,21 +138,57 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
 def run_fold(run: Run, i: int, split: tuple[np.ndarray, np.ndarray], data: Dataset, tokenizer, accelerator,
              tracker: Tracker, workdir: Path, frozen: FrozenFeatures | None = None) -> FitResult:
     """One fold as a nested MLflow run (continued when the fold is resumed)."""
+    child = fold_run(run, i, split, tracker, workdir, accelerator)
+    with child.closing():
+        result = fit_and_evaluate(run, fold_dataset(data, split), tokenizer, accelerator, child, workdir, frozen)
+        fold_pictures(run, child, workdir, result, accelerator)
+        return result
+
+
+def folds_together(run: Run, pending: list[int], folds: list, data: Dataset, tokenizer, accelerator, tracker: Tracker,
+                   out: Path, frozen: FrozenFeatures | None) -> dict[int, FitResult]:
+    """The pending folds trained at once (runner/fold_heads.py) where they can be, each as its own nested run;
+    empty where they train one after the other."""
+    from runner import fold_heads
+
+    fold_data = {i: fold_dataset(data, folds[i]) for i in pending}
+    resumable = run.cfg.train.resume != "never" and any(
+        (out / "folds" / f"fold-{i}" / "checkpoints").exists() for i in pending)
+    if not fold_heads.applies(run, fold_data, frozen, accelerator, resumable):
+        return {}
+    log.info("folds %s: %d heads trained together on the cached features", ",".join(map(str, pending)), len(pending))
+    with contextlib.ExitStack() as stack:
+        children = {i: stack.enter_context(fold_run(run, i, folds[i], tracker, out / "folds" / f"fold-{i}",
+                                                    accelerator).closing()) for i in pending}
+        results = fold_heads.fit_folds(run, fold_data, tokenizer, accelerator, children, frozen)
+        for i in pending:
+            fold_pictures(run, children[i], out / "folds" / f"fold-{i}", results[i], accelerator)
+    return results
+
+
+def fold_dataset(data: Dataset, split: tuple[np.ndarray, np.ndarray]) -> Dataset:
     train_idx, held_idx = split
-    log.info("fold-%d (%d of %d): %d train, %d validation", i, i + 1, run.cfg.cv.folds, len(train_idx), len(held_idx))
-    fold_data = Dataset(data.train.subset(train_idx), data.train.subset(held_idx), data.test, data.label_names)
+    return Dataset(data.train.subset(train_idx), data.train.subset(held_idx), data.test, data.label_names)
+
+
+def fold_run(run: Run, i: int, split: tuple[np.ndarray, np.ndarray], tracker: Tracker, workdir: Path,
+             accelerator) -> Tracker:
+    """Fold i's nested MLflow run: continued where the fold's folder names an earlier one (a resumed job)."""
+    log.info("fold-%d (%d of %d): %d train, %d validation", i, i + 1, run.cfg.cv.folds, len(split[0]), len(split[1]))
     resume_id = runfolder.previous_run_id(workdir) if run.cfg.train.resume != "never" else None
     child = tracker.child(f"fold-{i}", tags={**run.choices, "fold": str(i)}, resume_id=resume_id)
     if accelerator.is_main_process:
         runfolder.record_run_id(workdir, child.run_id)
-    with child.closing():
-        result = fit_and_evaluate(run, fold_data, tokenizer, accelerator, child, workdir, frozen)
-        if accelerator.is_main_process and run.draws_pictures:  # the fold's curves and confusion matrix
-            metric = run.cfg.objective.metric
-            summary = {"objective": {"metric": metric, "value": result.metrics[metric]}}
-            for picture in run_report(workdir, child.metric_history(), summary, result.reports, metric):
-                child.log_artifact(picture, "report")
-        return result
+    return child
+
+
+def fold_pictures(run: Run, child: Tracker, workdir: Path, result: FitResult, accelerator) -> None:
+    """The fold's curves and confusion matrix, where this job draws pictures."""
+    if accelerator.is_main_process and run.draws_pictures:
+        metric = run.cfg.objective.metric
+        summary = {"objective": {"metric": metric, "value": result.metrics[metric]}}
+        for picture in run_report(workdir, child.metric_history(), summary, result.reports, metric):
+            child.log_artifact(picture, "report")
 
 
 def write_fold_table(rows: list[dict], path: Path) -> None:

@@ -100,7 +100,7 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
 
     def log_train(metrics: dict[str, float], step: int) -> None:
         tracker.log_metrics(metrics, step)
-        if not train_cfg.progress:  # no bar to show it (logs of batch jobs, CI): a line per train.log_every steps
+        if not train_cfg.progress:  # no bar to show it (logs of batch jobs, CI): a line per train/loss log
             log.info("step %d: train/loss=%.4f  train/lr=%.3g", step, metrics["train/loss"], metrics["train/lr"])
 
     roots = workdir / "checkpoints"

@@ -23,7 +23,7 @@ import torch
 
 from runner import checkpoint
 from runner.signals import STOP, Interrupted
-from runner.train import Events, LoopParts, TrainState, early_stopping, log_train, total_steps
+from runner.train import Events, LoopParts, TrainState, early_stopping, log_train, logs_at, total_steps
 
 EPOCH_CHECKPOINT_SECONDS = 30.0
 
@@ -67,7 +67,7 @@ def fit_vectors(parts: LoopParts, state: TrainState, cfg, events: Events, monito
                 if epoch_end:
                     state.epoch, state.batch = state.epoch + 1, 0
                 checkpoint.crash_point("step", state.step)  # through the module: the resume tests replace it
-                if state.step % cfg.log_every == 0 or state.step == total:
+                if logs_at(state.step, cfg, eval_every, total):
                     log_train(state, running, parts, time.perf_counter() - tic, events.log)
                     tic = time.perf_counter()
                 if state.step % eval_every == 0 or state.step == total:

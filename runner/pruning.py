@@ -93,11 +93,11 @@ class Pruning:
         ``units``: (trained so far, in all) of the job's folds or optimizer steps, for the search's account of
         what pruning saved."""
         self.values[step] = value
+        self.record(unit, *units)
         reported = value if self.per_instance or unit != "fold" else sum(self.values.values()) / len(self.values)
         prune = False
         if self.is_main:
             self.trial.report(reported, step)
-            self.trial.set_user_attr("units", {"unit": unit, "run": units[0], "total": units[1]})
             prune = self.trial.should_prune()
         if accelerator is not None and accelerator.num_processes > 1:  # rank 0 decides, every rank stops
             from accelerate.utils import broadcast_object_list
@@ -108,6 +108,11 @@ class Pruning:
                 self.trial.set_user_attr("pruned_at", step)
                 self.trial.set_user_attr("pruned_unit", unit)
             raise TrialPruned(step, reported, unit)
+
+    def record(self, unit: str, run: int, total: int) -> None:
+        """What the trial has trained so far (folds or optimizer steps, of ``total``): the search's account."""
+        if self.is_main:
+            self.trial.set_user_attr("units", {"unit": unit, "run": run, "total": total})
 
 
 def from_hydra(hydra_cfg, is_main: bool = True) -> Pruning | None:

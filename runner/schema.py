@@ -334,7 +334,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     eval_every: int = 0  # optimizer steps between evaluations; 0 = once per epoch
     eval_at_start: bool = True  # score the untrained model (step 0), so MLflow shows the gain from training
-    log_every: int = 10  # optimizer steps between train/loss logs
+    log_every: int = 10  # optimizer steps between train/loss logs; 0 = at each evaluation
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     # null = auto: length-grouped batches for head models (far less padding), random batches for
     # embedding losses that compare the examples of a batch (CoSENT, MNRL), which grouping narrows
@@ -441,7 +441,7 @@ def check_values(cfg: RunConfig) -> list[str]:
         ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, "0 or more"),
         ("train.max_grad_norm", t.max_grad_norm, t.max_grad_norm >= 0, "0 (off) or more"),
         ("train.head_dropout", t.head_dropout, 0 <= t.head_dropout < 1, "in [0, 1)"),
-        ("train.log_every", t.log_every, t.log_every >= 1, "at least 1"),
+        ("train.log_every", t.log_every, t.log_every >= 0, "0 (at each evaluation) or more"),
         ("train.eval_every", t.eval_every, t.eval_every >= 0, "0 (each epoch) or more"),
         ("train.early_stopping.patience", t.early_stopping.patience, t.early_stopping.patience >= 0, "0 (off) or more"),
         ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 0, "0 (epoch ends only) or more"),

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import atexit
+import datetime
 import json
 import logging
 import os
@@ -51,12 +52,14 @@ class MLflowSweepCallback(Callback):
         self.tracker: Tracker | None = None
         self.study: SharedStudy | None = None
         self.finished = False
+        self.started: datetime.datetime | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         import mlflow
 
         if not config.tracking.enabled:
             return
+        self.started = datetime.datetime.now()  # Optuna's trial times are local and naive too
         uri = config.tracking.uri or default_uri()
         prepare_store(uri, config.tracking.experiment)
         key, sweep_dir = sweep_key(config), Path(config.hydra.sweep.dir)
@@ -106,7 +109,7 @@ class MLflowSweepCallback(Callback):
             self.tracker.log_artifact(results)
             study = write_trials_table(self.study, sweep_dir / "trials.csv")
             self.tracker.log_artifact(sweep_dir / "trials.csv")
-            account = search_account(study)
+            account = search_account(study, self.started)
             self.tracker.log_metrics(account)
             log.info("search: %s", "  ".join(f"{k}={v:g}" for k, v in account.items()))
             if len(study.directions) > 1:
@@ -313,11 +316,12 @@ def mark_pareto(config: DictConfig, tracker: Tracker, study, table):
     return table
 
 
-def search_account(study) -> dict[str, float]:
+def search_account(study, since: datetime.datetime | None = None) -> dict[str, float]:
     """What the search spent and what pruning saved, from its trials: ``sweep/trials_pruned``,
     ``sweep/trainings_run`` and ``sweep/trainings_saved`` (folds of k-fold trials, optimizer steps of
-    single-split ones, as each trial reported them) and ``sweep/seconds_per_trial`` (wall time of the search
-    from its first trial's start to its last trial's end, per finished trial)."""
+    single-split ones, as each trial reported them) and ``sweep/seconds_per_trial``: the wall time from
+    ``since`` (this command's sweep start: its bookkeeping between trials included) to its last trial's end,
+    per trial it ran."""
     from optuna.trial import TrialState
 
     done = [t for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
@@ -330,10 +334,11 @@ def search_account(study) -> dict[str, float]:
     account = {"sweep/trials": float(len(done)),
                "sweep/trials_pruned": float(sum(t.state == TrialState.PRUNED for t in done)),
                "sweep/trainings_run": run, "sweep/trainings_saved": saved}
-    if done:
-        start = min(t.datetime_start for t in done if t.datetime_start)
-        end = max(t.datetime_complete for t in done if t.datetime_complete)
-        account["sweep/seconds_per_trial"] = (end - start).total_seconds() / len(done)
+    # this command's share: a resumed search's earlier sessions (and the time between them) are not its cost
+    ours = [t for t in done if t.datetime_start and t.datetime_complete and (since is None or t.datetime_start >= since)]
+    if ours:
+        start = since or min(t.datetime_start for t in ours)
+        account["sweep/seconds_per_trial"] = (max(t.datetime_complete for t in ours) - start).total_seconds() / len(ours)
     return account
 
 

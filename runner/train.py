@@ -65,6 +65,11 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     return cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * math.ceil(batches_per_epoch / cfg.grad_accum)
 
 
+def logs_at(step: int, cfg: TrainConfig, eval_every: int, total: int) -> bool:
+    """Whether train/loss is logged after ``step``: every ``train.log_every`` steps (0: at each evaluation)."""
+    return step % (cfg.log_every or eval_every) == 0 or step == total
+
+
 def fit(parts: LoopParts, state: TrainState, cfg: TrainConfig, events: Events, monitor: str, maximize: bool) -> TrainState:
     """Train from ``state`` until ``cfg.max_steps`` or ``cfg.epochs``; evaluate, early-stop, checkpoint."""
     model, loader, accelerator = parts.model, parts.loader, parts.accelerator
@@ -95,7 +100,7 @@ def fit(parts: LoopParts, state: TrainState, cfg: TrainConfig, events: Events, m
                 if epoch_end:
                     state.epoch, state.batch = state.epoch + 1, 0
                 crash_point("step", state.step)
-                if state.step % cfg.log_every == 0 or state.step == total:
+                if logs_at(state.step, cfg, eval_every, total):
                     bar.set_postfix(loss=f"{log_train(state, running, parts, time.perf_counter() - tic, events.log):.4f}")
                     tic = time.perf_counter()
                 if state.step % eval_every == 0 or state.step == total:
