@@ -147,8 +147,8 @@ def check_finite(metrics: dict[str, float], model: torch.nn.Module, step: int) -
     if bad:
         raise TrainingDiverged(f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not finite after step {step}: the "
                                f"model diverged and is not saved; lower train.lr or use precision=fp32")
-    for name, weight in model.named_parameters():
-        if not torch.isfinite(weight).all():
+    for name, weight in model.named_parameters():  # a frozen weight cannot have diverged: 22M MiniLM weights unread
+        if weight.requires_grad and not torch.isfinite(weight).all():
             raise TrainingDiverged(f"weight {name} holds NaN or infinite values after step {step}: the model diverged "
                                    f"and is not saved; lower train.lr or use precision=fp32")
 
@@ -179,15 +179,25 @@ def uses_frozen_features(run: Run, data: Dataset) -> bool:
 
 def job_features(run: Run, data: Dataset, tokenizer, accelerator) -> FrozenFeatures:
     """The frozen encoder's output for every text of the job, through the disk cache (``cache``)."""
+    from runner import reuse
     from runner.features import frozen_features
+    from runner.model import weights_hash
 
     cfg = run.cfg
-    encoder = run.mode.apply(load_encoder(cfg.model, len(tokenizer))).to(accelerator.device)
+
+    def frozen_encoder():
+        encoder = run.mode.apply(load_encoder(cfg.model, len(tokenizer))).to(accelerator.device)
+        return encoder, weights_hash(encoder)
+
+    # a frozen encoder never trains: the trials of a search in one process share it (runner/reuse.py)
+    encoder, weights = frozen_encoder() if cfg.model.random_init else reuse.shared(
+        "frozen-encoder", [cfg.model, cfg.mode, len(tokenizer), str(accelerator.device)], frozen_encoder,
+        cfg.model.name_or_path)
     cache_dir = Path(cfg.cache.dir or "outputs/cache").resolve() if cfg.cache.enabled else None
     precision = accelerator.mixed_precision  # "no", "bf16" or "fp16": the vectors depend on it
     return frozen_features(encoder, tokenizer, data, max_length=cfg.model.max_length, prefix=cfg.model.text_prefix,
                            layers=run.make_pooling().layers, joint=run.task.joint and cfg.data.type == DataType.pair,
-                           dtype=precision, cache_dir=cache_dir, accelerator=accelerator)
+                           dtype=precision, cache_dir=cache_dir, accelerator=accelerator, weights=weights)
 
 
 def resume_point(resume: str, roots: Path) -> Path | None:

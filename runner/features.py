@@ -89,8 +89,9 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def settings_hash(encoder, tokenizer, max_length: int, prefix: str, layers: list[int], dtype: str, joint: bool) -> str:
-    setting = {"weights": weights_hash(encoder), "tokenizer": tokenizer_hash(tokenizer), "max_length": max_length,
+def settings_hash(weights: str, tokenizer, max_length: int, prefix: str, layers: list[int], dtype: str, joint: bool) -> str:
+    """``weights``: the encoder's :func:`runner.model.weights_hash`."""
+    setting = {"weights": weights, "tokenizer": tokenizer_hash(tokenizer), "max_length": max_length,
                "prefix": prefix, "layers": list(layers), "dtype": dtype, "joint": joint, "layout": 1}
     return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -141,8 +142,9 @@ def encode_into(out: torch.Tensor, rows: torch.Tensor, encoder, tokenizer, items
 
 
 def frozen_features(encoder, tokenizer, data: Dataset, *, max_length: int, prefix: str, layers: list[int], joint: bool,
-                    dtype: str, cache_dir: Path | None, accelerator) -> FrozenFeatures:
-    """The layout of every distinct text of ``data``: from the disk cache where present, else computed."""
+                    dtype: str, cache_dir: Path | None, accelerator, weights: str | None = None) -> FrozenFeatures:
+    """The layout of every distinct text of ``data``: from the disk cache where present, else computed.
+    ``weights``: the encoder's weights hash where already known (it names the cache)."""
     tic = time.perf_counter()
     encoder.eval()
     by_key = units(data, joint)
@@ -152,7 +154,8 @@ def frozen_features(encoder, tokenizer, data: Dataset, *, max_length: int, prefi
     vectors = torch.empty((len(items), *shape))  # the one copy: hits and new vectors are written into it
     cache = None
     if cache_dir is not None:
-        cache = DiskCache(cache_dir, settings_hash(encoder, tokenizer, max_length, prefix, layers, dtype, joint), shape)
+        cache = DiskCache(cache_dir, settings_hash(weights or weights_hash(encoder), tokenizer, max_length, prefix, layers,
+                                                 dtype, joint), shape)
     found = cache.fill(keys, vectors) if cache else []
     missing = sorted(set(range(len(keys))) - set(found))
     if missing:

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from runner import artifact, cv, runfolder
+from runner import artifact, cv, reuse, runfolder
 from runner.data import Dataset, load_dataset
 from runner.distributed import agree_on
 from runner.errors import RunnerError, TrialPruned
@@ -76,8 +76,12 @@ def execute(run: Run) -> float:
             runfolder.check_checkpoint(named, run.fingerprint())
     tokenizer = None  # given embeddings need no tokenizer and no encoder
     if data.train.vectors is None:
-        tokenizer = load_tokenizer(cfg.model)
-        check_model(cfg.model, len(tokenizer), run.mode, run.make_pooling().layers)
+        # the trials of a search in one process load and check these once (runner/reuse.py)
+        source = cfg.model.tokenizer or cfg.model.name_or_path
+        tokenizer = reuse.shared("tokenizer", cfg.model, lambda: load_tokenizer(cfg.model), source)
+        reuse.shared("checked-model", [cfg.model, cfg.mode, len(tokenizer), run.make_pooling().layers],
+                     lambda: check_model(cfg.model, len(tokenizer), run.mode, run.make_pooling().layers) or True,
+                     cfg.model.name_or_path)
     check_teacher(cfg.distill.teacher)
     if cfg.tracking.enabled and accelerator.is_main_process:
         check_backends(cfg.tracking.backends)

@@ -31,7 +31,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 
 from runner.errors import RunnerError
-from runner.pruning import make_pruner
+from runner.pruning import make_pruner, prune_warmup
 from runner.runfolder import is_run_folder
 from runner.sweep import kill_runs_of, make_storage
 
@@ -58,11 +58,16 @@ class RunnerOptunaSweeperConf(OptunaSweeperConf):
     grace_period: int = 60  # a trial unstamped this long was killed (beyond clock skew between machines)
     # an optuna.pruners class by _target_ with its arguments (runner/pruning.py), or null: no pruning
     pruner: Any = None
+    # folds (k-fold trials) or evaluations (single-split trials) a trial reports before the pruner is asked:
+    # a warm-up in the trial's own units, whichever kind of trial the search runs
+    prune_after: dict = field(default_factory=lambda: {"folds": 1, "evaluations": 1})
 
 
 class ResumableOptunaSweeper(OptunaSweeper):
-    def __init__(self, *args, heartbeat_interval: int = 10, grace_period: int = 60, pruner: Any = None, **kwargs) -> None:
+    def __init__(self, *args, heartbeat_interval: int = 10, grace_period: int = 60, pruner: Any = None,
+                 prune_after: Any = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        prune_warmup(prune_after)  # a bad value: one line before any trial runs
         self.pruner_spec = OmegaConf.to_container(pruner, resolve=True) if OmegaConf.is_config(pruner) else pruner
         if heartbeat_interval <= 0 or grace_period <= heartbeat_interval:
             raise RunnerError(f"hydra.sweeper.grace_period={grace_period} must exceed heartbeat_interval="

@@ -14,7 +14,8 @@ machine:
   instance, the folds being the instances), as Optuna documents for each;
 - a single-split trial reports each validation evaluation (step = optimizer step).
 
-After each report the job asks ``should_prune()``; a pruned job raises :class:`TrialPruned`, which the job
+After each report the job asks ``should_prune()`` (from the ``hydra.sweeper.prune_after`` -th report of its
+unit on: ``{folds: 1, evaluations: 2}`` asks after the first fold, or after the second evaluation); a pruned job raises :class:`TrialPruned`, which the job
 turns into a first-class outcome (MLflow run FINISHED with tag ``pruned_at``, the finished folds kept, the
 trial's user attribute ``pruned_at``), and the sweeper tells the study PRUNED. Under ``accelerate launch``
 rank 0 decides and every rank stops.
@@ -62,6 +63,24 @@ def make_pruner(spec: Any, where: str = "hydra.sweeper.pruner"):
         raise RunnerError(f"{where}: {PRUNERS[target]}({spec}): {err}") from err
 
 
+WARMUP_UNITS = {"folds": "fold", "evaluations": "step"}
+
+
+def prune_warmup(spec: Any) -> dict[str, int]:
+    """``hydra.sweeper.prune_after`` as {unit: reports}: how many folds (k-fold) or evaluations (single split) a
+    trial reports before the pruner is asked. Optuna's own ``n_warmup_steps`` counts steps, which are fold
+    indices in one kind of trial and optimizer steps in the other: a preset that serves both says it here."""
+    from omegaconf import OmegaConf
+
+    given = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else dict(spec or {})
+    unknown = sorted(set(given) - set(WARMUP_UNITS))
+    bad = [k for k, v in given.items() if k in WARMUP_UNITS and (not isinstance(v, int) or isinstance(v, bool) or v < 1)]
+    if unknown or bad:
+        raise RunnerError(f"hydra.sweeper.prune_after={given}: give folds and/or evaluations, each a whole number >= 1 "
+                          f"(e.g. {{folds: 1, evaluations: 2}})")
+    return {WARMUP_UNITS[k]: v for k, v in {"folds": 1, "evaluations": 1, **given}.items()}
+
+
 def per_instance(pruner) -> bool:
     """Whether the pruner compares trials step by step on each step's own value (Wilcoxon: the folds are
     paired instances), rather than on a running value (median, percentile, successive halving, ...)."""
@@ -74,7 +93,8 @@ def per_instance(pruner) -> bool:
 class Pruning:
     """One job's trial in a search that prunes: reports values and raises :class:`TrialPruned` when told."""
 
-    def __init__(self, storage: str, study_name: str, pruner_spec: Any, trial_number: int, is_main: bool = True) -> None:
+    def __init__(self, storage: str, study_name: str, pruner_spec: Any, trial_number: int, is_main: bool = True,
+                 warmup: dict[str, int] | None = None) -> None:
         import optuna
 
         from runner.sweep import make_storage
@@ -87,6 +107,7 @@ class Pruning:
         self.trial = optuna.trial.Trial(self.study, found[0]._trial_id)
         self.per_instance, self.is_main = per_instance(self.pruner), is_main
         self.values: dict[int, float] = {}
+        self.warmup = warmup or {}
 
     def report(self, step: int, value: float, unit: str, accelerator=None, units: tuple[int, int] = (0, 0)) -> None:
         """Report the objective after ``step`` (a fold index, or an optimizer step) and stop if pruned.
@@ -98,7 +119,7 @@ class Pruning:
         prune = False
         if self.is_main:
             self.trial.report(reported, step)
-            prune = self.trial.should_prune()
+            prune = len(self.values) >= self.warmup.get(unit, 1) and self.trial.should_prune()
         if accelerator is not None and accelerator.num_processes > 1:  # rank 0 decides, every rank stops
             from accelerate.utils import broadcast_object_list
 
@@ -129,4 +150,5 @@ def from_hydra(hydra_cfg, is_main: bool = True) -> Pruning | None:
         return None
     spec = OmegaConf.to_container(sweeper.pruner, resolve=True) if sweeper.get("pruner") is not None else \
         {"_target_": "optuna.pruners.NopPruner"}
-    return Pruning(sweeper.storage, sweeper.study_name, spec, int(hydra_cfg.job.num), is_main)
+    return Pruning(sweeper.storage, sweeper.study_name, spec, int(hydra_cfg.job.num), is_main,
+                   prune_warmup(sweeper.get("prune_after")))

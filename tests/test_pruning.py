@@ -13,12 +13,13 @@ import optuna
 import pytest
 
 from runner.errors import RunnerError
-from runner.pruning import Pruning, TrialPruned, make_pruner
+from runner.pruning import Pruning, TrialPruned, make_pruner, prune_warmup
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def search(tmp_path: Path, spec: dict, curves: list[list[float]], unit: str = "fold") -> list[int | None]:
+def search(tmp_path: Path, spec: dict, curves: list[list[float]], unit: str = "fold",
+           warmup: dict | None = None) -> list[int | None]:
     """Run ``curves`` (trial -> value per step) as trials of one study: for each, the step it was pruned at
     (None: it completed). Values are maximized, like accuracy."""
     storage = f"sqlite:///{tmp_path / 'study.db'}"
@@ -26,10 +27,11 @@ def search(tmp_path: Path, spec: dict, curves: list[list[float]], unit: str = "f
     outcome = []
     for curve in curves:
         trial = study.ask()
-        job = Pruning(storage, "s", spec, trial.number)
+        job = Pruning(storage, "s", spec, trial.number, warmup=prune_warmup(warmup))
         try:
-            for step, value in enumerate(curve):
-                job.report(step, value, unit, units=(step + 1, len(curve)))
+            for i, value in enumerate(curve):
+                step = i if unit == "fold" else 10 * (i + 1)  # a single split reports optimizer steps
+                job.report(step, value, unit, units=(i + 1, len(curve)))
         except TrialPruned as pruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             outcome.append(pruned.step)
@@ -58,6 +60,21 @@ GOOD, FAIR, BAD = [0.8] * 5, [0.7] * 5, [0.4] * 5
 ])
 def test_which_trial_each_pruner_stops_and_when(tmp_path, spec, curves, expected):
     assert search(tmp_path, spec, curves) == expected
+
+
+@pytest.mark.parametrize("unit,warmup,expected", [
+    ("fold", None, 0), ("fold", {"folds": 2}, 1), ("step", {"folds": 1, "evaluations": 2}, 20),
+    ("step", {"evaluations": 3}, 30), ("fold", {"evaluations": 3}, 0)])
+def test_prune_after_counts_folds_or_evaluations(tmp_path, unit, warmup, expected):
+    """One preset serves k-fold and single-split searches: its warm-up is in reports of the trial's own unit."""
+    median = {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 2}
+    assert search(tmp_path, median, [GOOD, FAIR, BAD], unit, warmup) == [None, None, expected]
+
+
+@pytest.mark.parametrize("given", [{"folds": 0}, {"epochs": 2}, {"evaluations": 1.5}, {"folds": True}])
+def test_a_bad_prune_after_is_one_line(given):
+    with pytest.raises(RunnerError, match=r"hydra.sweeper.prune_after=.*give folds and/or evaluations"):
+        prune_warmup(given)
 
 
 def test_wilcoxon_compares_fold_by_fold(tmp_path):
@@ -102,7 +119,9 @@ def cli(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     if not (tmp_path / "train.csv").exists():
         write_csv(tmp_path / "train.csv", make_sentences(90, 0, labels=("pos", "neg", "meh")))
     return subprocess.run(
-        [sys.executable, "-m", "runner", "-m", "hparams_search=head_lr", "model=tiny", "data=csv", "data.train=train.csv",
+        # mode=full: folds train one after another (head_only's cached folds train together: nothing to prune)
+        [sys.executable, "-m", "runner", "-m", "hparams_search=head_lr", "mode=full", "model=tiny", "data=csv",
+         "data.train=train.csv",
          "cv.folds=3", "train.epochs=1", "train.progress=false", "hydra.sweeper.study_name=pruned",
          f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
          f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment=pruning", *extra],
