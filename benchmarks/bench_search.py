@@ -1,15 +1,17 @@
 """What a search trial costs on cached features, and what pruning saves, side by side in one script.
 
-    python benchmarks/bench_search.py [--trials 32] [--folds 5] [--part cached|pruning|all]
+    python benchmarks/bench_search.py [--trials 32] [--folds 5] [--part cached|trec|sst2|all]
 
 Each contender is one search command in its own process, one after the other (these machines are noisy):
 
 - ``cached``: ``experiment=trec_kfold_search`` on TREC train with ``cv.folds`` folds (MiniLM features from the
   disk cache, filled by a first job that is not timed): whole-search wall time per trial, the search's own
   ``sweep/seconds_per_trial``, and the best cv accuracy;
-- ``pruning``: the same TPE search (fixed sampler seed) of full fine-tuning on the first 1,000 TREC rows,
-  3 folds, 12 trials over lr 1e-6..1e-3, without and with ``MedianPruner``: wall time, trainings run and
-  saved, best cv accuracy.
+- ``trec``: the same TPE search (fixed sampler seed) of full fine-tuning (``hparams_search=full_lr``) on the
+  first 1,000 TREC rows, 3 folds, 12 trials over lr 1e-6..1e-3, with the preset's pruner and with
+  ``hydra.sweeper.pruner=null``: wall time, trainings run and saved, best cv accuracy;
+- ``sst2``: the same for a single-split search on the first 1,000 SST-2 rows (validation: SST-2 dev), 10
+  trials of 2 epochs, an evaluation every 8 steps.
 
 Results go to ``benchmarks/results.json`` under ``search``.
 """
@@ -17,13 +19,14 @@ Results go to ``benchmarks/results.json`` under ``search``.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import shared_file, store, timed  # noqa: E402
+from common import RESULTS, shared_file, store, timed  # noqa: E402
 
 RUNNER = [sys.executable, "-m", "runner"]
 
@@ -47,40 +50,55 @@ def cached_search(trials: int, folds: int, work: Path) -> dict:
             "peak_rss_mb": round(peak), **account(out)}
 
 
-def pruning_search(work: Path) -> dict:
+def pruned_and_not(work: Path, name: str, common: list[str]) -> dict:
+    """The same search with the preset's pruner and without one (``unpruned`` first)."""
+    results = {}
+    for label, extra in (("unpruned", ["hydra.sweeper.pruner=null"]), ("pruned", [])):
+        seconds, peak, out = timed([*RUNNER, *common, *extra, f"hydra.sweeper.study_name=bench-{name}-{label}",
+                                    f"hydra.sweeper.storage=sqlite:///{work / f'{name}-{label}.db'}",
+                                    f"hydra.sweep.dir={work / f'{name}-{label}'}"], work)
+        results[label] = {"seconds": round(seconds, 1), "peak_rss_mb": round(peak), **account(out)}
+    results["ratio"] = round(results["pruned"]["seconds"] / results["unpruned"]["seconds"], 3)
+    results["best_difference"] = round(results["pruned"]["best"] - results["unpruned"]["best"], 4)
+    return results
+
+
+def trec_search(work: Path) -> dict:
     import pandas as pd
 
-    rows = pd.read_csv(shared_file("trec", "train.csv")).head(1000)
-    rows.to_csv(work / "trec1000.csv", index=False)
-    common = ["-m", "hparams_search=full_lr", "data=csv", f"data.train={work / 'trec1000.csv'}", "cv.folds=3",
-              "hydra.sweeper.n_trials=12", "train.progress=false", "train.lr=tag(log,interval(1e-6,1e-3))",
-              f"tracking.uri=sqlite:///{work / 'mlflow.db'}"]
-    results = {}
-    for name, extra in (("unpruned", ["hydra.sweeper.pruner=null"]),
-                        ("pruned", ["hydra.sweeper.pruner={_target_: optuna.pruners.MedianPruner, n_startup_trials: 3}"])):
-        seconds, peak, out = timed([*RUNNER, *common, *extra, f"hydra.sweeper.study_name=bench-{name}",
-                                    f"hydra.sweeper.storage=sqlite:///{work / f'{name}.db'}"], work)
-        results[name] = {"seconds": round(seconds, 1), "peak_rss_mb": round(peak), **account(out)}
-    results["ratio"] = round(results["pruned"]["seconds"] / results["unpruned"]["seconds"], 3)
-    return results
+    pd.read_csv(shared_file("trec", "train.csv")).head(1000).to_csv(work / "trec1000.csv", index=False)
+    return pruned_and_not(work, "trec", [
+        "-m", "hparams_search=full_lr", "data=csv", f"data.train={work / 'trec1000.csv'}", "cv.folds=3",
+        "hydra.sweeper.n_trials=12", "train.progress=false", "train.lr=tag(log,interval(1e-6,1e-3))",
+        f"tracking.uri=sqlite:///{work / 'mlflow.db'}", "tracking.experiment=bench-trec"])
+
+
+def sst2_search(work: Path) -> dict:
+    import pandas as pd
+
+    pd.read_csv(shared_file("sst2", "train.csv")).head(1000).to_csv(work / "sst2-1000.csv", index=False)
+    return pruned_and_not(work, "sst2", [
+        "-m", "hparams_search=full_lr", "data=csv", f"data.train={work / 'sst2-1000.csv'}",
+        f"data.validation={shared_file('sst2', 'dev.csv')}", "hydra.sweeper.n_trials=10", "train.epochs=2",
+        "train.eval_every=8", "train.progress=false", "train.lr=tag(log,interval(1e-6,1e-3))",
+        f"tracking.uri=sqlite:///{work / 'mlflow.db'}", "tracking.experiment=bench-sst2"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=32)
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--part", choices=["cached", "pruning", "all"], default="all")
+    parser.add_argument("--part", choices=["cached", "trec", "sst2", "all"], default="all")
     args = parser.parse_args()
-    results = {}
+    stored = json.loads(RESULTS.read_text()).get("search", {}) if RESULTS.exists() else {}
+    results = {k: v for k, v in stored.items() if k in ("cached", "trec", "sst2")}  # a part run alone keeps the others
+    parts = {"cached": lambda work: cached_search(args.trials, args.folds, work), "trec": trec_search, "sst2": sst2_search}
     with tempfile.TemporaryDirectory() as tmp:
-        if args.part in ("cached", "all"):
-            (Path(tmp) / "cached").mkdir()
-            results["cached"] = cached_search(args.trials, args.folds, Path(tmp) / "cached")
-            print("cached-features search:", results["cached"])
-        if args.part in ("pruning", "all"):
-            (Path(tmp) / "pruning").mkdir()
-            results["pruning"] = pruning_search(Path(tmp) / "pruning")
-            print("pruned vs unpruned:", results["pruning"])
+        for name, part in parts.items():
+            if args.part in (name, "all"):
+                (Path(tmp) / name).mkdir()
+                results[name] = part(Path(tmp) / name)
+                print(f"{name}:", json.dumps(results[name]))
     store("search", results)
 
 

@@ -59,8 +59,6 @@ def applies(run: Run, fold_data: dict[int, Dataset], frozen: FrozenFeatures | No
         return False
     if not isinstance(run.make_loss(), LogitLoss) or frozen.pooled(run.make_pooling()) is None:
         return False
-    if run.task.joint and any(len(d.train.columns) != 1 for d in fold_data.values()):
-        return False  # pairs as one sequence: rows are joint texts, fine; two columns of one text each are not
     return len({math.ceil(len(d.train) / cfg.batch_size) for d in fold_data.values()}) == 1
 
 
@@ -123,6 +121,7 @@ def fit_folds(run: Run, fold_data: dict[int, Dataset], tokenizer, accelerator, c
     # each fold's training rows (vector row ids) and targets, padded to one (F, n) table indexed per step
     train_rows = torch.nn.utils.rnn.pad_sequence([e["train"].rows[0] for e in encoded], batch_first=True)
     train_labels = torch.nn.utils.rnn.pad_sequence([e["train"].labels for e in encoded], batch_first=True)
+    folds = torch.arange(len(ids))[:, None]
     states = [TrainState(sampler_seed=tc.seed) for _ in ids]
     last: list[dict[str, tuple[dict, dict]]] = [{} for _ in ids]
 
@@ -156,8 +155,8 @@ def fit_folds(run: Run, fold_data: dict[int, Dataset], tokenizer, accelerator, c
                 sizes = [len(b) for b in batch]
                 width = max(sizes)
                 positions = torch.tensor([b + [0] * (width - len(b)) for b in batch])  # padded: never in a loss
-                x = drop(vectors[train_rows.gather(1, positions)])
-                y = train_labels.gather(1, positions)
+                x = drop(vectors[train_rows[folds, positions]])
+                y = train_labels[folds, positions]  # class ids, scores or multi-label rows
                 with accelerator.autocast():
                     logits = heads(x).float()
                 fold_loss = torch.stack([fn.compute(logits[f, :n], y[f, :n]) for f, (fn, n) in enumerate(zip(losses, sizes))])

@@ -47,6 +47,34 @@ def test_folds_trained_together_equal_folds_trained_one_by_one(make_run, tmp_pat
     assert curves["together"] == curves["alone"]  # every evaluation and loss window, per fold
 
 
+def other_task(kind: str, tmp_path: Path) -> list[str]:
+    import random
+
+    from tests.conftest import multi_label_rows, write_csv
+    from tests.test_predict import pair_file
+
+    if kind == "multi_label":
+        train = write_csv(tmp_path / "ml.csv", multi_label_rows(random.Random(0), 96))
+        return [f"data.train={train}", "data.validation=null", "data.test=null", "task.multi_label=true",
+                "objective.metric=val/f1_micro"]
+    train = pair_file(tmp_path / "pairs.csv", 96, 0)
+    return [f"data.train={train}", "data.validation=null", "data.test=null", "data.type=pair",
+            "task.architecture=cross", "task.target=score", "task.score_range=[0,5]", "data.label_field=score",
+            "objective.metric=val/spearman"]
+
+
+@pytest.mark.parametrize("kind", ["multi_label", "cross_encoder_scores"])
+def test_other_head_tasks_train_together_as_one_by_one(make_run, tmp_path, monkeypatch, kind):
+    common = ["mode=head_only", "cv.folds=3", "train.epochs=2", "train.head_lr=5e-3", "train.head_dropout=0",
+              *other_task(kind, tmp_path)]
+    used, original = [], fold_heads.fit_folds
+    monkeypatch.setattr(fold_heads, "fit_folds", lambda *a, **k: used.append(1) or original(*a, **k))
+    together = job.execute(make_run(*common, f"output_dir={tmp_path / 'together'}"))
+    monkeypatch.setattr(fold_heads, "applies", lambda *a, **k: False)
+    alone = job.execute(make_run(*common, f"output_dir={tmp_path / 'alone'}"))
+    assert used and together == pytest.approx(alone, abs=1e-5)
+
+
 def test_dropout_folds_are_seeded_logged_per_fold_and_the_best_is_saved(make_run, tmp_path):
     args = ["mode=head_only", "cv.folds=3", "train.epochs=3", "train.head_dropout=0.3", "train.log_every=0"]
     values = [job.execute(make_run(*args, f"output_dir={tmp_path / name}", f"tracking.experiment={name}"))
