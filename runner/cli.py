@@ -56,6 +56,22 @@ def suggestion(key: str, allowed: list[str], prefix: str) -> str:
     return f"did you mean {prefix}{close[0]}?" if close else f"known keys: {', '.join(sorted(allowed))}"
 
 
+REPLACED_WHOLE = ("hydra.sweeper.pruner",)  # a component given by _target_: a new one replaces the preset's
+
+
+def replace_whole(args: list[str]) -> list[str]:
+    """``hydra.sweeper.pruner={...}`` replaces a preset's pruner rather than merging into it (Hydra merges a
+    dict into a dict: ThresholdPruner would get MedianPruner's arguments, or fail on keys the preset lacks):
+    the key is set to null first, then to the given value."""
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in REPLACED_WHOLE and value.strip() not in ("null", "None", ""):
+            out.append(f"{key}=null")
+        out.append(arg)
+    return out
+
+
 def override_problems(args: list[str]) -> list[str]:
     """Overrides of keys the typed schema does not have, in the runner's words, before Hydra says "use +key"
     (which the runner then refuses): ``train.learning_rate=1e-3`` -> did you mean train.lr? Only groups with one

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner import runfolder
+from runner import checkpoint, runfolder
 from runner.artifact import save_trained
 from runner.data import Dataset
 from runner.errors import RunnerError
@@ -123,6 +123,7 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
             run.pruning.record("fold", len(rows), len(chosen))
         elif run.pruning is not None:  # after the fold's result is on disk: a pruned trial keeps what it did
             run.pruning.report(i, value, "fold", accelerator, units=(len(rows), len(chosen)))
+        checkpoint.crash_point("fold", i)  # between folds (the resume tests kill the job here)
     stats = aggregate(rows)
     tracker.log_metrics(stats)
     if accelerator.is_main_process:

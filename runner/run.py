@@ -50,7 +50,7 @@ def main() -> None:
     relaunch = cpu_relaunch(sys.argv[1:])
     if relaunch:  # `accelerate launch --cpu --num_processes N` started one process: become the N it asked for
         os.execv(relaunch[0], relaunch)
-    sys.argv = [sys.argv[0], *cli.quote_raw_values(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *cli.replace_whole(cli.quote_raw_values(sys.argv[1:]))]
     if cli.implied_multirun(sys.argv[1:], CONF_DIR):  # e.g. experiment=trec_kfold_search: a search, no -m needed
         sys.argv.insert(1, "--multirun")
     problems = cli.override_problems(sys.argv[1:])

@@ -93,3 +93,11 @@ def test_a_preset_that_is_a_search_runs_without_dash_m():
     assert cli.implied_multirun(["experiment=trec_kfold_search", "cv.folds=5"], CONF_DIR)
     assert not cli.implied_multirun(["-m", "experiment=trec_kfold_search"], CONF_DIR)  # already there
     assert not cli.implied_multirun(["experiment=sst2_peft"], CONF_DIR) and not cli.implied_multirun(["data=csv"], CONF_DIR)
+
+
+def test_a_pruner_on_the_command_line_replaces_the_presets():
+    from runner.cli import replace_whole
+
+    given = ["hparams_search=head_lr", "hydra.sweeper.pruner={_target_: optuna.pruners.ThresholdPruner, lower: 0.5}"]
+    assert replace_whole(given) == [given[0], "hydra.sweeper.pruner=null", given[1]]
+    assert replace_whole(["hydra.sweeper.pruner=null"]) == ["hydra.sweeper.pruner=null"]

@@ -139,7 +139,8 @@ def test_a_killed_trial_is_retried_first_from_its_own_checkpoint(sweep):
 
     storage = f"sqlite:///{sweep.dir / 'optuna.db'}"
     # 2 folds of 48 rows, batch 16: 3 steps an epoch; SIGKILL at step 5 of fold 0, checkpoint at step 4
-    args = optuna_args(storage, 2, "train.epochs=2", "train.checkpoint_every=2", "train.deterministic=true")
+    args = optuna_args(storage, 2, "mode=full", "train.epochs=2", "train.checkpoint_every=2",
+                       "train.deterministic=true")  # full: folds one by one, each checkpointed
     killed = sweep(*args, name="first", expect_ok=False, env={"RUNNER_CRASH_AT": "step:5"})
     assert killed.returncode == -9
     [trial] = optuna.load_study(study_name="test-head_lr", storage=storage).trials
@@ -157,6 +158,36 @@ def test_a_killed_trial_is_retried_first_from_its_own_checkpoint(sweep):
     assert json.loads((sweep.dir / "second" / "1" / "mlflow_run.json").read_text())["run_id"] == killed_run
     client, _ = runs_of(sweep.uri)
     assert client.get_run(killed_run).info.status == "FINISHED"
+
+
+def test_a_trial_killed_between_folds_resumes_and_can_still_be_pruned(sweep):
+    """After one complete trial, every trial is pruned after its second fold (a threshold no accuracy reaches,
+    warm-up 1): the worker is killed between fold 0 and fold 1; the rerun retries the trial, reuses fold 0,
+    trains fold 1 and prunes it there; a further run launches nothing (a PRUNED trial is done)."""
+    import json
+
+    storage = f"sqlite:///{sweep.dir / 'optuna.db'}"
+    common = ["hparams_search=head_lr", "mode=full", "cv.folds=3", f"hydra.sweeper.storage={storage}"]
+    sweep(*common, "hydra.sweeper.n_trials=1", "hydra.sweeper.pruner=null", name="first")
+    args = [*common, "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.pruner={_target_: optuna.pruners.ThresholdPruner, lower: 1.1, n_warmup_steps: 1}"]
+    killed = sweep(*args, name="second", expect_ok=False, env={"RUNNER_CRASH_AT": "fold:0"})
+    assert killed.returncode == -9
+    trial = optuna.load_study(study_name="test-head_lr", storage=storage).trials[1]
+    assert trial.state.name == "RUNNING" and list(trial.intermediate_values) == [0]
+    assert (sweep.dir / "second" / "1" / "folds" / "fold-0" / "result.json").exists()
+
+    again = sweep(*args, name="third")
+    log = again.stdout + again.stderr
+    assert "retries an interrupted trial" in log and "fold-0 (1 of 3) finished before this run was resumed" in log
+    trials = optuna.load_study(study_name="test-head_lr", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "PRUNED"] and trials[2].params == trials[1].params
+    assert sorted(trials[2].intermediate_values) == [0, 1] and trials[2].user_attrs["pruned_at"] == 1
+    assert json.loads((sweep.dir / "third" / "2" / "pruned.json").read_text())["pruned_at"] == 1
+
+    fourth = sweep(*args, name="fourth")
+    assert "Launching" not in fourth.stdout + fourth.stderr
+    assert len(optuna.load_study(study_name="test-head_lr", storage=storage).trials) == 3
 
 
 def test_a_head_only_search_encodes_each_text_once_in_the_whole_sweep(sweep, toy_data):
