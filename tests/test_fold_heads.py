@@ -111,11 +111,24 @@ def test_the_numpy_dropout_keeps_one_minus_p_and_rescales():
     torch.manual_seed(0)
     x = torch.ones(200, 500)
     for p in (0.0, 0.25, 0.5):
-        out = fold_heads.Dropout(p)(x)
+        out = fold_heads.Dropout(p)(x.clone())  # in place: a copy of its own
         kept = (out > 0).float().mean().item()
         assert kept == pytest.approx(1 - p, abs=0.01)
         assert out[out > 0].unique().tolist() == pytest.approx([1 / (1 - p)])
     torch.manual_seed(0)
-    first = fold_heads.Dropout(0.5)(x)
+    first = fold_heads.Dropout(0.5)(x.clone())
     torch.manual_seed(0)
-    assert torch.equal(first, fold_heads.Dropout(0.5)(x))
+    assert torch.equal(first, fold_heads.Dropout(0.5)(x.clone()))
+
+
+def test_the_closed_form_cross_entropy_gradient_is_autograds():
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    logits, labels, sizes = torch.randn(3, 5, 4), torch.randint(0, 4, (3, 5)), [5, 3, 5]  # fold 1: 2 padding rows
+    loss, grad = fold_heads.cross_entropy_gradient(logits, labels, sizes)
+    leaf = logits.clone().requires_grad_()
+    want = torch.stack([F.cross_entropy(leaf[f, :n], labels[f, :n]) for f, n in enumerate(sizes)])
+    want.sum().backward()
+    assert torch.allclose(loss, want.detach(), atol=1e-6) and torch.allclose(grad, leaf.grad, atol=1e-6)
+    assert grad[1, 3:].abs().sum() == 0
