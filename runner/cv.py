@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +57,17 @@ def make_folds(targets: np.ndarray | None, cfg: CVConfig, rows: int | None = Non
 
 
 def check_folds(data: Dataset, cfg: CVConfig) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The folds, after checking the fold settings fit this data (also called before any run opens)."""
-    folds = make_folds(data.train.labels, cfg, len(data.train))
+    """The folds, after checking the fold settings fit this data (also called before any run opens). The same
+    targets and settings give the same folds: the trials of a search in one process split once (runner/reuse.py)."""
+    import hashlib
+
+    from runner import reuse
+
+    labels = data.train.labels
+    digest = None if labels is None else [labels.dtype.str, labels.shape,
+                                          hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest()]
+    folds = reuse.shared("folds", [cfg.folds, cfg.stratify, cfg.bins, cfg.seed, len(data.train), digest],
+                         lambda: make_folds(labels, cfg, len(data.train)))
     if cfg.only_fold is not None and not 0 <= cfg.only_fold < cfg.folds:
         raise RunnerError(f"cv.only_fold={cfg.only_fold} must be in 0..{cfg.folds - 1}")
     return folds
@@ -120,7 +130,8 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
         reports[f"fold-{i}"] = report
         best = value if best is None or sign * value > sign * best else best
         if run.pruning is not None and together:  # every fold is trained already: stopping saves nothing
-            run.pruning.record("fold", len(rows), len(chosen))
+            if len(rows) == len(chosen):
+                run.pruning.record("fold", len(rows), len(chosen))
         elif run.pruning is not None:  # after the fold's result is on disk: a pruned trial keeps what it did
             run.pruning.report(i, value, "fold", accelerator, units=(len(rows), len(chosen)))
         checkpoint.crash_point("fold", i)  # between folds (the resume tests kill the job here)
@@ -161,6 +172,8 @@ def folds_together(run: Run, pending: list[int], folds: list, data: Dataset, tok
     with contextlib.ExitStack() as stack:
         children = {i: stack.enter_context(fold_run(run, i, folds[i], tracker, out / "folds" / f"fold-{i}",
                                                     accelerator).closing()) for i in pending}
+        for child in children.values():  # seconds of training: each fold's metrics written once, as it closes
+            child.flush_every = math.inf
         results = fold_heads.fit_folds(run, fold_data, tokenizer, accelerator, children, frozen)
         for i in pending:
             fold_pictures(run, children[i], out / "folds" / f"fold-{i}", results[i], accelerator)

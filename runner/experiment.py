@@ -88,7 +88,7 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
             loader = tqdm(eval_loaders[split], desc=f"step {step}: {split}", unit="batch", leave=False,
                           disable=not (train_cfg.progress and accelerator.is_main_process))
             # the per-class report of the last evaluation is the one kept: earlier ones are not computed
-            final = step >= total or split != "val"
+            final = step >= total or (split != "val" and step > 0)  # a test score at step 0 is never the last
             values, report = task.evaluate(model, loader, accelerator, split, data.label_names, text_ids, report=final)
             metrics.update(values)
             last[split] = (step, values, report)

@@ -234,7 +234,7 @@ class FoldTraining:
                 logits = self.heads.one(f, self.vectors[data.rows[0]])
                 values, report = self.task.score([logits.numpy()], None if data.labels is None else data.labels.numpy(),
                                                  split, self.label_names, data.text_ids.numpy(),
-                                                 report=final or split != "val")
+                                                 report=final)
                 metrics.update(values)
                 self.last[f][split] = (values, report)
             self.children[fold].log_metrics(metrics, step)

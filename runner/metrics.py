@@ -40,15 +40,23 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, prefix: str, 
 
 
 def class_report(logits: np.ndarray, labels: np.ndarray, names: list) -> dict:
-    """Per-class precision/recall/F1/support and the confusion matrix (rows: true, columns: predicted)."""
-    from sklearn import metrics as m
-
+    """Per-class precision/recall/F1/support and the confusion matrix (rows: true, columns: predicted): what
+    scikit-learn's ``classification_report(labels=all, output_dict=True, zero_division=0)`` gives (tested), from
+    one confusion matrix (its input checks alone take ~20 ms, a fold's evaluation here ~1 ms)."""
+    k = len(names)
     pred = logits.argmax(axis=1)
-    ids = list(range(len(names)))
-    report = m.classification_report(
-        labels, pred, labels=ids, target_names=[str(n) for n in names], output_dict=True, zero_division=0
-    )
-    matrix = m.confusion_matrix(labels, pred, labels=ids)
+    matrix = np.bincount(labels.astype(np.int64) * k + pred, minlength=k * k).reshape(k, k)
+    tp, support, predicted = np.diag(matrix).astype(np.float64), matrix.sum(axis=1), matrix.sum(axis=0)
+    ratio = lambda a, b: np.divide(a, b, out=np.zeros_like(a), where=b > 0)  # noqa: E731
+    columns = {"precision": ratio(tp, predicted.astype(np.float64)), "recall": ratio(tp, support.astype(np.float64)),
+               "f1-score": ratio(2 * tp, (support + predicted).astype(np.float64))}
+    total = int(support.sum())
+    report: dict = {str(name): {**{key: float(v[i]) for key, v in columns.items()}, "support": int(support[i])}
+                    for i, name in enumerate(names)}
+    report["accuracy"] = float(tp.sum() / total) if total else 0.0
+    report["macro avg"] = {**{key: float(v.mean()) for key, v in columns.items()}, "support": total}
+    report["weighted avg"] = {**{key: float(v @ support / total) if total else 0.0 for key, v in columns.items()},
+                              "support": total}
     return {"per_class": report, "confusion_matrix": {"labels": names, "matrix": matrix.tolist()}}
 
 

@@ -206,7 +206,7 @@ class Tracker:
         # Metrics go to the store in batches: one SQLite write per train/loss log step cost ~15 ms, more than the
         # steps of a head on cached features. Flushed every FLUSH_SECONDS, before checkpoints, reads and the end.
         self.pending: list = []
-        self.flushed = time.monotonic()
+        self.flushed, self.flush_every = time.monotonic(), FLUSH_SECONDS
 
     def start(self, run_name: str | None = None, tags: Mapping[str, str] | None = None, parent_id: str | None = None,
               resume_id: str | None = None):
@@ -281,7 +281,7 @@ class Tracker:
         for m in items:
             self.history.setdefault(m.key, []).append((step, m.value))
         self.pending += items
-        if time.monotonic() - self.flushed > FLUSH_SECONDS or len(self.pending) >= 1000:
+        if time.monotonic() - self.flushed > self.flush_every or len(self.pending) >= 1000:
             self.flush()
 
     def flush(self) -> None:

@@ -91,3 +91,28 @@ def test_classification_metrics_equal_scikit_learn():
             for key, value in want.items():
                 assert got[f"v/{key}"] == pytest.approx(value, abs=1e-12), (k, trial, key)
 
+
+
+def test_the_class_report_equals_scikit_learns():
+    from sklearn import metrics as m
+
+    from runner.metrics import class_report
+
+    rng = np.random.default_rng(1)
+    for k in (2, 3, 6):
+        names = [f"c{i}" for i in range(k)]
+        for trial in range(40):
+            n = int(rng.integers(1, 50))
+            labels = rng.integers(0, k, n)
+            logits = rng.normal(size=(n, k)).astype(np.float32)
+            if trial % 3 == 0:
+                logits[:, 0] += 3  # classes absent from predictions, and from labels
+            pred = logits.argmax(1)
+            got = class_report(logits, labels, names)
+            want = m.classification_report(labels, pred, labels=list(range(k)), target_names=names, output_dict=True,
+                                           zero_division=0)
+            assert got["per_class"].keys() == want.keys()
+            for key, value in want.items():
+                assert got["per_class"][key] == (pytest.approx(value, abs=1e-12) if isinstance(value, float) else
+                                                 {c: pytest.approx(v, abs=1e-12) for c, v in value.items()}), (k, key)
+            assert got["confusion_matrix"]["matrix"] == m.confusion_matrix(labels, pred, labels=list(range(k))).tolist()
