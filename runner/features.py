@@ -17,11 +17,13 @@ Texts are encoded in a canonical order (sorted by text key, then by length, in b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import sqlite3
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,10 +85,16 @@ def units(data: Dataset, joint: bool) -> dict[str, str | tuple[str, str]]:
     return seen
 
 
+TOKENIZER_HASHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a search's trials share one tokenizer
+
+
 def tokenizer_hash(tokenizer) -> str:
+    if tokenizer in TOKENIZER_HASHES:
+        return TOKENIZER_HASHES[tokenizer]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()
+    TOKENIZER_HASHES[tokenizer] = hashlib.sha256(text.encode()).hexdigest()
+    return TOKENIZER_HASHES[tokenizer]
 
 
 def settings_hash(weights: str, tokenizer, max_length: int, prefix: str, layers: list[int], dtype: str, joint: bool) -> str:
@@ -151,11 +159,27 @@ def frozen_features(encoder, tokenizer, data: Dataset, *, max_length: int, prefi
     keys = sorted(by_key)  # canonical order: independent of the data's order
     items = [by_key[k] for k in keys]
     shape = (3 * len(layers) + 1, encoder.config.hidden_size)
+    if cache_dir is None:
+        return encode_all(encoder, tokenizer, keys, items, shape, None, max_length, prefix, layers, joint, accelerator, tic)
+    from runner import reuse
+
+    setting = settings_hash(weights or weights_hash(encoder), tokenizer, max_length, prefix, layers, dtype, joint)
+    # the trials of a search in one process read the disk cache once: the same texts and setting, the same numbers
+    texts = hashlib.sha256("\n".join(keys).encode()).hexdigest()
+    built = []
+    kept = reuse.shared("frozen-features", [setting, texts, str(cache_dir)], lambda: built.append(1) or encode_all(
+        encoder, tokenizer, keys, items, shape, DiskCache(cache_dir, setting, shape), max_length, prefix, layers, joint,
+        accelerator, tic))
+    if built:
+        return kept
+    log.info("frozen encoder: %d texts, all kept in memory by an earlier job of this process", len(keys))
+    return dataclasses.replace(kept, hits=len(keys), misses=0)  # shares the vectors and their poolings
+
+
+def encode_all(encoder, tokenizer, keys: list[str], items: list, shape: tuple[int, int], cache: DiskCache | None,
+               max_length: int, prefix: str, layers: list[int], joint: bool, accelerator, tic: float) -> FrozenFeatures:
+    """The layout of ``items`` (sorted by key): from ``cache`` where present, else computed (and stored there)."""
     vectors = torch.empty((len(items), *shape))  # the one copy: hits and new vectors are written into it
-    cache = None
-    if cache_dir is not None:
-        cache = DiskCache(cache_dir, settings_hash(weights or weights_hash(encoder), tokenizer, max_length, prefix, layers,
-                                                 dtype, joint), shape)
     found = cache.fill(keys, vectors) if cache else []
     missing = sorted(set(range(len(keys))) - set(found))
     if missing:

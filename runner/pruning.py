@@ -97,14 +97,19 @@ class Pruning:
                  warmup: dict[str, int] | None = None) -> None:
         import optuna
 
+        from runner import reuse
         from runner.sweep import make_storage
 
         self.pruner = make_pruner(pruner_spec)
-        self.study = optuna.load_study(study_name=study_name, storage=make_storage(storage), pruner=self.pruner)
-        found = [t for t in self.study.get_trials(deepcopy=False) if t.number == trial_number]
-        if not found:
-            raise RunnerError(f"study {study_name!r} has no trial {trial_number}: run the search through its sweeper")
-        self.trial = optuna.trial.Trial(self.study, found[0]._trial_id)
+        # one storage object per process (the trials of an in-process search): an engine and a schema check each
+        backend = reuse.shared("optuna-storage", [storage], lambda: make_storage(storage))
+        self.study = optuna.load_study(study_name=study_name, storage=backend, pruner=self.pruner)
+        try:
+            trial_id = backend.get_trial_id_from_study_id_trial_number(self.study._study_id, trial_number)
+        except KeyError:
+            raise RunnerError(f"study {study_name!r} has no trial {trial_number}: run the search through its "
+                              f"sweeper") from None
+        self.trial = optuna.trial.Trial(self.study, trial_id)
         self.per_instance, self.is_main = per_instance(self.pruner), is_main
         self.values: dict[int, float] = {}
         self.warmup = warmup or {}
