@@ -141,7 +141,9 @@ def train_and_report(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
     summary["costs"] = {"train/seconds": time.perf_counter() - started, **job_costs(run, model, tokenizer, data)}
     tracker.log_metrics(summary["costs"], summary.get("steps", 0))  # at the last step: W&B steps only go forward
     if accelerator.is_main_process:
-        if cfg.save_model and cfg.tracking.log_model and (out / "model" / "runner_model.json").exists():
+        in_sweep = "sweep_id" in run.tags  # auto: a sweep logs its best trial's model as it ends (runner/sweep.py)
+        wanted = cfg.tracking.log_model is True or (cfg.tracking.log_model == "auto" and not in_sweep)
+        if cfg.save_model and wanted and (out / "model" / "runner_model.json").exists():
             if tracker.run_id:
                 from runner.mlflow_model import log_pyfunc
 

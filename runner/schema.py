@@ -395,7 +395,10 @@ class TrackingConfig:
     # where params and metrics go: mlflow (always: the store of runs, resumes and sweeps), plus
     # tensorboard (event files in <run folder>/tensorboard) and/or wandb (WANDB_MODE=offline works offline)
     backends: list[str] = field(default_factory=lambda: ["mlflow"])
-    log_model: bool = True  # the saved model also as an MLflow pyfunc model (runs:/<id>/model: serve, predict)
+    # the saved model also as an MLflow pyfunc model (runs:/<id>/model: serve, predict): auto = every job's, but in
+    # a sweep only the best trial's (logged as the sweep ends: a pyfunc per trial costs a trial on cached features
+    # a tenth of its time); true = every job's, trials too; false = none
+    log_model: Any = "auto"
     register: str | None = None  # and registered under this name in the Model Registry
     # report pictures: auto = every run and fold, but none per trial of a sweep (the sweep draws its own once, at
     # its end: a trial on cached features takes seconds, its pictures about as long); all; none
@@ -463,6 +466,7 @@ def check_values(cfg: RunConfig) -> list[str]:
          "mlflow" in cfg.tracking.backends and set(cfg.tracking.backends) <= {"mlflow", "tensorboard", "wandb"},
          "mlflow (it holds runs, resumes and sweeps) plus any of tensorboard, wandb"),
         ("data.bad_lines", d.bad_lines, d.bad_lines in ("error", "skip", "truncate"), "error, skip or truncate"),
+        ("tracking.log_model", cfg.tracking.log_model, cfg.tracking.log_model in (True, False, "auto"), "auto, true or false"),
         ("tracking.pictures", cfg.tracking.pictures, cfg.tracking.pictures in ("auto", "all", "none"), "auto, all or none"),
         ("data.missing_labels", d.missing_labels, d.missing_labels in ("error", "drop"), "error or drop"),
         ("data.text_field", d.text_field, isinstance(d.text_field, (str, int)) or (

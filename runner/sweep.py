@@ -115,6 +115,7 @@ class MLflowSweepCallback(Callback):
             if len(study.directions) > 1:
                 table = mark_pareto(config, self.tracker, study, table)
         if table is not None and len(table):
+            log_best_model(config, self.tracker, table)
             from runner.report import sweep_report
 
             for picture in sweep_report(sweep_dir, table, study):
@@ -314,6 +315,24 @@ def mark_pareto(config: DictConfig, tracker: Tracker, study, table):
         tracker.log_artifact(picture, "report")
     log.info("Pareto front (%s): trials %s", ", ".join(names), front)
     return table
+
+
+def log_best_model(config: DictConfig, tracker: Tracker, table) -> None:
+    """``tracking.log_model=auto``: the best finished trial's saved model as its run's MLflow pyfunc model, once
+    (several workers of one search end one after another; a trial whose folder is on another machine is left)."""
+    if config.tracking.log_model != "auto" or not config.save_model:
+        return
+    finished = table[table["status"] == "FINISHED"]
+    if not len(finished):
+        return
+    best = finished.iloc[0]
+    folder = Path(str(best["output_dir"])) / "model"
+    if not (folder / "runner_model.json").exists() or tracker.client.list_artifacts(best["run_id"], "model"):
+        return
+    from runner.mlflow_model import log_pyfunc
+
+    log_pyfunc(tracker.client, best["run_id"], folder, config.tracking.register)
+    log.info("best trial's model logged to MLflow: runs:/%s/model (job %s)", best["run_id"], best["job"])
 
 
 def search_account(study, since: datetime.datetime | None = None) -> dict[str, float]:
