@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import numpy as np
 import torch
@@ -176,8 +175,7 @@ class FoldTraining:
         self.dropout = Dropout(tc.head_dropout)
         self.states = [TrainState(sampler_seed=tc.seed) for _ in self.ids]
         self.last: list[dict[str, tuple[dict, dict]]] = [{} for _ in self.ids]
-        self.step, self.seen, self.window = 0, 0, 0
-        self.running, self.tic = torch.zeros(len(self.ids)), time.perf_counter()
+        self.step, self.window, self.running = 0, 0, torch.zeros(len(self.ids))
 
     def epoch_batches(self, epoch: int) -> tuple[torch.Tensor, list[list[int]]]:
         """Every step's batch of every fold in this epoch, (steps, F, batch) positions in each fold's training rows
@@ -211,19 +209,19 @@ class FoldTraining:
             group["lr"] = base * self.rate[self.step + 1]
         self.optimizer.zero_grad(set_to_none=True)
         self.running += checkpoint.nan_point(fold_loss, self.step + 1, 0)
-        self.step, self.seen, self.window = self.step + 1, self.seen + sum(sizes), self.window + 1
+        self.step, self.window = self.step + 1, self.window + 1
 
     def log_losses(self) -> None:
-        """Each fold's train/loss (mean over the window), lr and samples/s; a non-finite loss stops the job."""
-        rate = self.seen / max(time.perf_counter() - self.tic, 1e-9) / len(self.ids)
+        """Each fold's train/loss (mean over the window) and lr; a non-finite loss stops the job. (No
+        train/samples_per_s: the folds share their steps, a rate per fold would be a fifth of one number.)"""
         for fold, value in zip(self.ids, (self.running / self.window).tolist()):
             if not math.isfinite(value):
                 raise TrainingDiverged(f"fold-{fold}: loss is {value} at step {self.step}; lower train.head_lr or "
                                        f"use precision=fp32")
-            self.children[fold].log_metrics({"train/loss": value, "train/lr": self.optimizer.param_groups[0]["lr"],
-                                             "train/samples_per_s": rate}, self.step)
+            self.children[fold].log_metrics({"train/loss": value, "train/lr": self.optimizer.param_groups[0]["lr"]},
+                                            self.step)
         self.running.zero_()
-        self.seen, self.window, self.tic = 0, 0, time.perf_counter()
+        self.window = 0
 
     @torch.no_grad()
     def evaluate(self, step: int, splits: tuple[str, ...]) -> None:
