@@ -60,8 +60,42 @@ def big_file_table(section: dict) -> list[str]:
             f"peak RSS {section['peak_rss_mb']:,} MB, {section['seconds']} s ({section['machine']})."]
 
 
+def search_table(section: dict) -> list[str]:
+    rows = []
+    names = {"trec": "full fine-tuning, 3-fold CV on 1,000 TREC rows, 12 TPE trials, lr 1e-6..1e-3",
+             "sst2": "full fine-tuning, 1,000 SST-2 rows (dev: SST-2 dev), 10 TPE trials of 2 epochs, evaluation every 8 steps"}
+    if any(k in section for k in names):
+        rows += [f"The same search without a pruner (`hydra.sweeper.pruner=null`), with the preset's (median after the "
+                 f"first fold or second evaluation) and with one that keeps the top quarter "
+                 f"(`PercentilePruner(percentile=25, n_startup_trials=2)`), fixed sampler seed ({section['machine']}):", "",
+                 "| search | contender | seconds | vs unpruned | trials pruned | trainings run / saved | best |",
+                 "|---|---|---|---|---|---|---|"]
+        for key, title in names.items():
+            if key not in section:
+                continue
+            base = section[key]["unpruned"]["seconds"]
+            for name in ("unpruned", "pruned", "top quarter"):
+                if name not in section[key]:
+                    continue
+                r = section[key][name]
+                label = {"pruned": "median (preset)"}.get(name, name)
+                rows.append(f"| {title} | {label} | {r['seconds']:.0f} | {r['seconds'] / base:.2f}x | "
+                            f"{r.get('sweep/trials_pruned', 0):.0f} | {r.get('sweep/trainings_run', 0):,.0f} / "
+                            f"{r.get('sweep/trainings_saved', 0):,.0f} | {r['best']:.4f} |")
+        rows.append("")
+        rows.append("Trainings: folds (k-fold) or optimizer steps (single split).")
+        rows.append("")
+    if "cached" in section:
+        r = section["cached"]
+        rows.append(f"`experiment=trec_kfold_search cv.folds={r['folds']}`, {r['trials']} trials on cached MiniLM features "
+                    f"(20 epochs a fold): {r['seconds']:.0f} s in all, {r['seconds_per_trial']:.2f} s a trial "
+                    f"(`sweep/seconds_per_trial` {r.get('sweep/seconds_per_trial', float('nan')):.2f} s), best cv accuracy "
+                    f"{r['best']:.4f}, peak RSS {r['peak_rss_mb']:,} MB ({section['machine']}).")
+    return rows
+
+
 TABLES = {"train_fp32": train_table, "train_bf16": train_table, "head_only": head_only_table, "predict": predict_table,
-          "big_file": big_file_table}
+          "big_file": big_file_table, "search": search_table}
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ Texts are encoded in a canonical order (sorted by text key, then by length, in b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -68,6 +69,7 @@ class FrozenFeatures:
         return torch.as_tensor([self.rows[text_key(t)] for t in texts], dtype=torch.long)
 
 
+@functools.lru_cache(maxsize=1 << 20)  # k folds and a search's trials look the same texts up again and again
 def text_key(text: str | tuple[str, str]) -> str:
     raw = text if isinstance(text, str) else json.dumps(list(text))
     return hashlib.sha256(raw.encode()).hexdigest()

@@ -109,6 +109,10 @@ def test_optuna_search_sweep_trials_folds_and_resume(sweep):
     assert values == pytest.approx(sorted(t.data.metrics["cv/val/accuracy_mean"] for t in trials))
     assert (sweep.dir / "first" / "optimization_results.yaml").exists()
     assert len(pd.read_csv(sweep.dir / "first" / "trials.csv")) == 2
+    client, _ = runs_of(sweep.uri)  # tracking.log_model=auto: the pyfunc model of the best trial only
+    with_model = [t for t in trials if client.list_artifacts(t.info.run_id, "model")]
+    best = max(t.data.metrics["cv/val/accuracy_mean"] for t in trials)
+    assert len(with_model) == 1 and with_model[0].data.metrics["cv/val/accuracy_mean"] == best
     check_reports(sweep.uri, sweep.dir / "first", parent, trials, kids)
 
     # a trial left RUNNING by a worker that died before its first heartbeat (in Optuna and MLflow), then the
