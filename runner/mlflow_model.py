@@ -11,8 +11,8 @@ answers with what ``runner.predict`` writes for those rows. ``tracking.register=
 it in the Model Registry. Input columns: ``text`` (and ``text_pair`` for pair models), or ``embedding``
 for a head on given embeddings; ``embeddings: true`` in the request's params adds the vectors.
 
-The logged model holds no pickle: MLflow's models-from-code logs ``runner/pyfunc_entry.py`` (three lines that
-build :class:`RunnerModel`) and the runner folder as an artifact, which loads as data (runner.trust).
+The logged model holds no pickle: MLflow's models-from-code logs ``runner/pyfunc_entry.py`` (the model class,
+which answers through runner.predict) and the runner folder as an artifact, which loads as data (runner.trust).
 """
 
 from __future__ import annotations
@@ -23,32 +23,9 @@ import os
 import tempfile
 from pathlib import Path
 
-import mlflow.pyfunc
 import pandas as pd
 
 log = logging.getLogger("runner")
-
-
-class RunnerModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
-        from runner.predict import Predictor
-
-        self.predictor = Predictor(Path(context.artifacts["runner_model"]))
-
-    # A DataFrame type hint: MLflow then relies on the explicit signature below instead of type-hint validation
-    # (and does not advise adding hints after every run)
-    def predict(self, context, model_input: pd.DataFrame, params=None):
-        import numpy as np
-
-        meta, params = self.predictor.meta, params or {}
-        if meta.get("input") == "embeddings":
-            inputs = np.asarray(model_input["embedding"].tolist(), dtype=np.float32)
-        else:
-            inputs = [model_input["text"].astype(str).tolist()]
-            if meta.get("data_type") == "pair":
-                inputs.append(model_input["text_pair"].astype(str).tolist())
-        outputs = self.predictor.run(inputs, embeddings=bool(params.get("embeddings", False)))
-        return self.predictor.records(outputs, params.get("top_k"))
 
 
 def requirements() -> list[str]:

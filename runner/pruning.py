@@ -98,7 +98,7 @@ class Pruning:
         import optuna
 
         from runner import reuse
-        from runner.sweep import make_storage
+        from runner.study_storage import make_storage
 
         self.pruner = make_pruner(pruner_spec)
         # one storage object per process (the trials of an in-process search): an engine and a schema check each

@@ -26,6 +26,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from runner.study_storage import make_storage  # noqa: F401  (runner.sweep.make_storage: the workers' tests use it)
 from runner.tracking import Tracker, default_uri, prepare_store
 
 log = logging.getLogger("runner")
@@ -247,18 +248,6 @@ def compact_failure(config: DictConfig, job_return: Any) -> None:
     for attribute in ("_remote_traceback", "_remote_exception_chain", "_remote_exception_group"):  # Hydra would print them
         if hasattr(job_return, attribute):
             setattr(job_return, attribute, None)
-
-
-def make_storage(url: str):
-    """An Optuna storage object from ``hydra.sweeper.storage``: a journal file or an RDB URL."""
-    import optuna
-
-    if url.startswith("journal:"):
-        path = Path(url[len("journal:"):].removeprefix("//")).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    # pool_pre_ping: a worker that sat through a long trial finds its pooled connection dropped by the server
-    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None)
 
 
 def write_summary(config: DictConfig, parent_id: str):
