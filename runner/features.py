@@ -113,8 +113,18 @@ class DiskCache:
         folder.mkdir(parents=True, exist_ok=True)
         self.path, self.shape = folder / f"frozen-{setting}.db", shape
         self.db = sqlite3.connect(self.path, timeout=300)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS vectors (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+        # Switching a new file to WAL takes a lock that SQLite's busy timeout does not wait for: two workers
+        # creating the same cache at once would see "database is locked". Retried a while instead.
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("CREATE TABLE IF NOT EXISTS vectors (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+                break
+            except sqlite3.OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def fill(self, keys: list[str], out: torch.Tensor) -> list[int]:
         """Copy the stored rows of ``keys`` into ``out`` (row i for key i); the indices found."""
