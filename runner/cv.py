@@ -103,7 +103,8 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
     sign = 1 if cfg.objective.direction == Direction.maximize else -1
     rows, reports, best, model = [], {}, None, None
     pending = [i for i in chosen if not (out / "folds" / f"fold-{i}" / "result.json").exists()]
-    together = folds_together(run, pending, folds, data, tokenizer, accelerator, tracker, out, frozen)
+    fold_data = {i: fold_dataset(data, folds[i]) for i in pending}
+    together = folds_together(run, fold_data, folds, tokenizer, accelerator, tracker, out, frozen)
     # of the folds trained together, only the best can be the job's saved model (keep_models=best)
     best_together = max(together, key=lambda i: sign * together[i].metrics[cfg.objective.metric], default=None)
     for i in chosen:
@@ -115,7 +116,8 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
             saved = json.loads(done.read_text())
             metrics, report = saved["metrics"], saved["reports"]
         else:
-            result = together.get(i) or run_fold(run, i, folds[i], data, tokenizer, accelerator, tracker, workdir, frozen)
+            result = together.get(i) or run_fold(run, i, folds[i], fold_data[i], tokenizer, accelerator, tracker, workdir,
+                                                 frozen)
             metrics, report, model = result.metrics, result.reports, result.model
         value = metrics[cfg.objective.metric]
         if result is not None and accelerator.is_main_process:
@@ -129,12 +131,11 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
         rows.append({"fold": i, **metrics})
         reports[f"fold-{i}"] = report
         best = value if best is None or sign * value > sign * best else best
-        if run.pruning is not None and together:  # every fold is trained already: stopping saves nothing
-            if len(rows) == len(chosen):
-                run.pruning.record("fold", len(rows), len(chosen))
-        elif run.pruning is not None:  # after the fold's result is on disk: a pruned trial keeps what it did
+        if run.pruning is not None and not together:  # after the fold's result is on disk: a pruned trial keeps it
             run.pruning.report(i, value, "fold", accelerator, units=(len(rows), len(chosen)))
         checkpoint.crash_point("fold", i)  # between folds (the resume tests kill the job here)
+    if run.pruning is not None and together:  # every fold was trained at once: stopping would have saved nothing
+        run.pruning.record("fold", len(rows), len(chosen))
     stats = aggregate(rows)
     tracker.log_metrics(stats)
     if accelerator.is_main_process:
@@ -147,23 +148,23 @@ def cross_validate(run: Run, data: Dataset, tokenizer, accelerator, tracker: Tra
             "metrics": stats, "folds": rows, "reports": reports, "model": model}
 
 
-def run_fold(run: Run, i: int, split: tuple[np.ndarray, np.ndarray], data: Dataset, tokenizer, accelerator,
+def run_fold(run: Run, i: int, split: tuple[np.ndarray, np.ndarray], fold_data: Dataset, tokenizer, accelerator,
              tracker: Tracker, workdir: Path, frozen: FrozenFeatures | None = None) -> FitResult:
-    """One fold as a nested MLflow run (continued when the fold is resumed)."""
+    """One fold (``fold_data``: its :func:`fold_dataset`) as a nested MLflow run (continued when resumed)."""
     child = fold_run(run, i, split, tracker, workdir, accelerator)
     with child.closing():
-        result = fit_and_evaluate(run, fold_dataset(data, split), tokenizer, accelerator, child, workdir, frozen)
+        result = fit_and_evaluate(run, fold_data, tokenizer, accelerator, child, workdir, frozen)
         fold_pictures(run, child, workdir, result, accelerator)
         return result
 
 
-def folds_together(run: Run, pending: list[int], folds: list, data: Dataset, tokenizer, accelerator, tracker: Tracker,
+def folds_together(run: Run, fold_data: dict[int, Dataset], folds: list, tokenizer, accelerator, tracker: Tracker,
                    out: Path, frozen: FrozenFeatures | None) -> dict[int, FitResult]:
-    """The pending folds trained at once (runner/fold_heads.py) where they can be, each as its own nested run;
-    empty where they train one after the other."""
+    """The pending folds (``fold_data``) trained at once (runner/fold_heads.py) where they can be, each as its own
+    nested run; empty where they train one after the other."""
     from runner import fold_heads
 
-    fold_data = {i: fold_dataset(data, folds[i]) for i in pending}
+    pending = list(fold_data)
     resumable = run.cfg.train.resume != "never" and any(
         (out / "folds" / f"fold-{i}" / "checkpoints").exists() for i in pending)
     if not fold_heads.applies(run, fold_data, frozen, accelerator, resumable):

@@ -43,7 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 from runner.errors import RunnerError
 from runner.pruning import make_pruner, prune_warmup
 from runner.runfolder import is_run_folder
-from runner.sweep import kill_runs_of, make_storage
+from runner.study_storage import make_storage
+from runner.sweep import kill_runs_of
 
 log = logging.getLogger("runner")
 

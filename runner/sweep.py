@@ -26,7 +26,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from runner.study_storage import make_storage  # noqa: F401  (runner.sweep.make_storage: the workers' tests use it)
+from runner.study_storage import make_storage
 from runner.tracking import Tracker, default_uri, prepare_store
 
 log = logging.getLogger("runner")

@@ -78,7 +78,7 @@ def running_trial_of(storage, pid: int):
 
 
 def three_workers_one_killed(tmp_path, tokenizer_dir, toy_data, storage_url: str) -> None:
-    from runner.sweep import make_storage
+    from runner.study_storage import make_storage
 
     workers = [worker(tmp_path, tokenizer_dir, toy_data, storage_url, k) for k in range(3)]
     storage = None
