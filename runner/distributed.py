@@ -79,6 +79,15 @@ def agree_on(value: str, accelerator) -> str:
     return broadcast_object_list([value], from_process=0)[0]
 
 
+def finish(accelerator) -> None:
+    """A job's processes end together: each waits for the others, then closes the process group. A rank that
+    exits while rank 0 still saves and measures leaves gloo's connection to die with the interpreter, which
+    aborted that rank (SIGABRT) now and then, and the launcher then killed rank 0 and failed the job."""
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+
+
 def world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from runner import artifact, cv, reuse, runfolder
 from runner.data import Dataset, load_dataset
-from runner.distributed import agree_on
+from runner.distributed import agree_on, finish
 from runner.errors import RunnerError, TrialPruned
 from runner.experiment import FitResult, fit_and_evaluate, job_features, resume_point, uses_frozen_features
 from runner.hardware import make_accelerator, precision_name
@@ -89,7 +89,9 @@ def execute(run: Run) -> float:
     STOP.install()
     try:
         with tracker.closing():
-            return train_and_report(run, data, tokenizer, accelerator, tracker, out)
+            objective = train_and_report(run, data, tokenizer, accelerator, tracker, out)
+        finish(accelerator)
+        return objective
     except TrialPruned as pruned:  # the search's pruner stopped it: what it finished stays in its folder
         log.info("trial %s", pruned)
         if accelerator.is_main_process:
