@@ -178,6 +178,7 @@ def test_multirun_under_a_launcher_is_refused(tiny_overrides, capsys, monkeypatc
     assert code == 1 and "--multirun under a launcher" in out
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes on 2 cores
 def test_a_nan_on_one_process_stops_every_process_with_one_message(tmp_path, tiny_overrides):
     """Process 1 alone sees a NaN loss at step 2: the loss is averaged over processes before the check, so
     both stop at step 2 with the same message, and the launch fails instead of hanging."""

@@ -77,9 +77,19 @@ def history(uri: str, experiment: str) -> tuple[str, dict[str, list[tuple[int, f
 BASELINES: dict[tuple[str, str], tuple[dict, dict]] = {}
 
 
-@pytest.mark.parametrize("kill", list(KILLS))
-@pytest.mark.parametrize("loss", ["ce", "mnrl"])
-@pytest.mark.parametrize("mode", ["head_only", "full", "peft"])
+def kill_cases() -> list:
+    """Every mode and loss killed at step 1, and every kill point for full fine-tuning with cross-entropy, in the
+    default suite; the other combinations in ``nox -s slow`` (the default suite keeps under 10 minutes)."""
+    cases = []
+    for mode in ("head_only", "full", "peft"):
+        for loss in ("ce", "mnrl"):
+            for kill in KILLS:
+                default = kill == "at step 1" or (mode, loss) == ("full", "ce")
+                cases.append(pytest.param(mode, loss, kill, marks=() if default else pytest.mark.slow))
+    return cases
+
+
+@pytest.mark.parametrize(("mode", "loss", "kill"), kill_cases())
 def test_a_killed_run_resumes_to_the_same_weights_and_history(make_run, tmp_path, monkeypatch, mode, loss, kill):
     uri = make_run().cfg.tracking.uri
     if (mode, loss) not in BASELINES:

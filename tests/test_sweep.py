@@ -68,6 +68,7 @@ def test_grid_sweep_is_one_parent_with_a_child_per_job_and_a_summary(sweep):
     assert "summary.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes on 2 cores
 def test_a_failed_grid_job_is_failed_and_the_others_keep_their_results(sweep):
     out = sweep("train.lr=1e-3,-1,1e30", "train.max_grad_norm=0", "train.log_every=1", expect_ok=False)
     assert out.returncode != 0  # Hydra reports the failure after every job has run
@@ -138,6 +139,7 @@ def test_optuna_search_sweep_trials_folds_and_resume(sweep):
     assert not list(new.glob("folds/fold-*/report")) and (sweep.dir / "second" / "report" / "trials.png").exists()
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes on 2 cores
 def test_a_killed_trial_is_retried_first_from_its_own_checkpoint(sweep):
     import json
 
@@ -164,6 +166,7 @@ def test_a_killed_trial_is_retried_first_from_its_own_checkpoint(sweep):
     assert client.get_run(killed_run).info.status == "FINISHED"
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes on 2 cores
 def test_a_trial_killed_between_folds_resumes_and_can_still_be_pruned(sweep):
     """After one complete trial, every trial is pruned after its second fold (a threshold no accuracy reaches,
     warm-up 1): the worker is killed between fold 0 and fold 1; the rerun retries the trial, reuses fold 0,
