@@ -65,20 +65,20 @@ def search_table(section: dict) -> list[str]:
     names = {"trec": "full fine-tuning, 3-fold CV on 1,000 TREC rows, 12 TPE trials, lr 1e-6..1e-3",
              "sst2": "full fine-tuning, 1,000 SST-2 rows (dev: SST-2 dev), 10 TPE trials of 2 epochs, evaluation every 8 steps"}
     if any(k in section for k in names):
-        rows += [f"The same search without a pruner (`hydra.sweeper.pruner=null`), with the preset's (median after the "
-                 f"first fold or second evaluation) and with one that keeps the top quarter "
-                 f"(`PercentilePruner(percentile=25, n_startup_trials=2)`), fixed sampler seed ({section['machine']}):", "",
+        rows += [f"The same search without a pruner (`hydra.sweeper.pruner=null`) and with the preset's (the top quarter "
+                 f"of the finished trials after the first fold or second evaluation, from the second trial on), fixed "
+                 f"sampler seed ({section['machine']}):", "",
                  "| search | contender | seconds | vs unpruned | trials pruned | trainings run / saved | best |",
                  "|---|---|---|---|---|---|---|"]
         for key, title in names.items():
             if key not in section:
                 continue
             base = section[key]["unpruned"]["seconds"]
-            for name in ("unpruned", "pruned", "top quarter"):
+            for name in ("unpruned", "pruned"):
                 if name not in section[key]:
                     continue
                 r = section[key][name]
-                label = {"pruned": "median (preset)"}.get(name, name)
+                label = {"pruned": "pruned (preset)"}.get(name, name)
                 rows.append(f"| {title} | {label} | {r['seconds']:.0f} | {r['seconds'] / base:.2f}x | "
                             f"{r.get('sweep/trials_pruned', 0):.0f} | {r.get('sweep/trainings_run', 0):,.0f} / "
                             f"{r.get('sweep/trainings_saved', 0):,.0f} | {r['best']:.4f} |")

@@ -52,7 +52,9 @@ def postgres():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def worker(tmp_path: Path, tokenizer_dir: str, toy_data: dict, storage: str, k: int) -> subprocess.Popen:
+def worker(tmp_path: Path, tokenizer_dir: str, toy_data: dict, storage: str, k: int, *extra: str,
+           pruner: str = "null") -> subprocess.Popen:
+    """A sweep worker; ``pruner=null`` by default: every trial to its end (pruning across workers: the last test)."""
     args = [
         "-m", "hparams_search=head_lr", "model=tiny", f"model.tokenizer={tokenizer_dir}", "data=csv",
         f"data.train={toy_data['train']}", f"data.validation={toy_data['validation']}", "hardware=cpu", "precision=fp32",
@@ -60,6 +62,7 @@ def worker(tmp_path: Path, tokenizer_dir: str, toy_data: dict, storage: str, k: 
         "tracking.experiment=test", f"cache.dir={tmp_path / 'cache'}", "tracking.log_model=false", "save_model=false",
         "hydra.sweeper.n_trials=12", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared",
         "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=8", f"hydra.sweep.dir={tmp_path / f'worker{k}'}",
+        f"hydra.sweeper.pruner={pruner}", *extra,
     ]
     log = open(tmp_path / f"worker{k}.log", "w")  # noqa: SIM115  (the child holds it)
     return subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -124,3 +127,30 @@ def test_three_workers_share_a_postgresql_study_and_survive_a_killed_one(tmp_pat
 
 def test_three_workers_share_a_journal_file_study_and_survive_a_killed_one(tmp_path, tokenizer_dir, toy_data):
     three_workers_one_killed(tmp_path, tokenizer_dir, toy_data, f"journal:{tmp_path / 'study.log'}")
+
+
+def test_workers_prune_their_trials_through_the_shared_study(tmp_path, tokenizer_dir, toy_data):
+    """One finished trial, then two worker processes whose pruner stops every trial at its second evaluation
+    (a threshold no accuracy reaches): each decision is made in a worker against the journal file, every later
+    trial ends PRUNED with its MLflow run FINISHED and tagged, nothing is left RUNNING or run twice."""
+    from runner.study_storage import make_storage
+
+    storage = f"journal:{tmp_path / 'study.log'}"
+    first = worker(tmp_path, tokenizer_dir, toy_data, storage, 0, "hydra.sweeper.n_trials=1")
+    assert first.wait(timeout=300) == 0, (tmp_path / "worker0.log").read_text()[-3000:]
+    threshold = "{_target_: optuna.pruners.ThresholdPruner, lower: 1.1}"
+    workers = [worker(tmp_path, tokenizer_dir, toy_data, storage, k, "hydra.sweeper.n_trials=7", pruner=threshold)
+               for k in (1, 2)]
+    for k, w in zip((1, 2), workers):
+        assert w.wait(timeout=600) == 0, (tmp_path / f"worker{k}.log").read_text()[-4000:]
+
+    trials = optuna.load_study(study_name="shared", storage=make_storage(storage)).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] + ["PRUNED"] * 6
+    # 96 rows, batch 16: evaluations at steps 6, 12 and 18; asked from the second (prune_after.evaluations=2)
+    assert all(t.user_attrs["pruned_at"] == 12 for t in trials[1:])
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("test").experiment_id], max_results=1000)
+    pruned_runs = [r for r in runs if "pruned_at" in r.data.tags]
+    assert len(pruned_runs) == 6 and {r.info.status for r in pruned_runs} == {"FINISHED"}
+    assert {r.info.status for r in runs} == {"FINISHED"}
