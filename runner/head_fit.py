@@ -23,7 +23,16 @@ import torch
 
 from runner import checkpoint
 from runner.signals import STOP, Interrupted
-from runner.train import Events, LoopParts, TrainState, checkpoint_due, early_stopping, log_train, logs_at, total_steps
+from runner.train import (
+    Events,
+    LoopParts,
+    TrainState,
+    checkpoint_due,
+    early_stopping,
+    log_train,
+    logs_at,
+    total_steps,
+)
 
 EPOCH_CHECKPOINT_SECONDS = 30.0
 
