@@ -146,7 +146,8 @@ def test_a_killed_trial_is_retried_first_from_its_own_checkpoint(sweep):
     storage = f"sqlite:///{sweep.dir / 'optuna.db'}"
     # 2 folds of 48 rows, batch 16: 3 steps an epoch; SIGKILL at step 5 of fold 0, checkpoint at step 4
     args = optuna_args(storage, 2, "mode=full", "train.epochs=2", "train.checkpoint_every=2",
-                       "train.deterministic=true")  # full: folds one by one, each checkpointed
+                       "train.deterministic=true",  # full: folds one by one, each checkpointed
+                       "hydra.sweeper.pruner=null")  # both trials to their end (retry with pruning: the next test)
     killed = sweep(*args, name="first", expect_ok=False, env={"RUNNER_CRASH_AT": "step:5"})
     assert killed.returncode == -9
     [trial] = optuna.load_study(study_name="test-head_lr", storage=storage).trials
