@@ -81,8 +81,7 @@ def fit_vectors(parts: LoopParts, state: TrainState, cfg, events: Events, monito
                     tic = time.perf_counter()
                 if state.step % eval_every == 0 or state.step == total:
                     early_stopping(state, model, events.evaluate(state.step)[monitor], cfg, maximize)
-                if checkpoint_due(state, cfg, total, bool(cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)
-                                  or (epoch_end and time.monotonic() - saved > EPOCH_CHECKPOINT_SECONDS)):
+                if checkpoint_due(state, cfg, total, epoch_end and time.monotonic() - saved > EPOCH_CHECKPOINT_SECONDS):
                     state.loss_sum = running.item()
                     where, saved = events.checkpoint(state), time.monotonic()
                     if STOP.received:

@@ -90,18 +90,18 @@ def execute(run: Run) -> float:
     try:
         with tracker.closing():
             objective = train_and_report(run, data, tokenizer, accelerator, tracker, out)
-        finish(accelerator)
-        return objective
     except TrialPruned as pruned:  # the search's pruner stopped it: what it finished stays in its folder
         log.info("trial %s", pruned)
         if accelerator.is_main_process:
             (out / PRUNED_FILE).write_text(json.dumps({"pruned_at": pruned.step, "unit": pruned.unit,
                                                        "value": pruned.value}))
-        return pruned.value
+        objective = pruned.value
     finally:
         STOP.uninstall()
         if (out / "runner.log").exists():  # the job's log beside its metrics, whatever the outcome
             tracker.log_artifact(out / "runner.log")
+    finish(accelerator)  # a finished or pruned job's processes end together
+    return objective
 
 
 def check_teacher(teacher: str | None) -> None:

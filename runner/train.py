@@ -105,8 +105,7 @@ def fit(parts: LoopParts, state: TrainState, cfg: TrainConfig, events: Events, m
                     tic = time.perf_counter()
                 if state.step % eval_every == 0 or state.step == total:
                     early_stopping(state, model, events.evaluate(state.step)[monitor], cfg, maximize)
-                if checkpoint_due(state, cfg, total, epoch_end or bool(cfg.checkpoint_every and
-                                                                       state.step % cfg.checkpoint_every == 0)):
+                if checkpoint_due(state, cfg, total, epoch_end):
                     state.loss_sum = running.item()  # a host sync, only when checkpointing
                     where = events.checkpoint(state)
                     if STOP.received:
@@ -122,11 +121,12 @@ def fit(parts: LoopParts, state: TrainState, cfg: TrainConfig, events: Events, m
     return state
 
 
-def checkpoint_due(state: TrainState, cfg: TrainConfig, total: int, scheduled: bool) -> bool:
-    """Whether to checkpoint after this step: on a signal, or when scheduled (an epoch end, checkpoint_every) and
-    training goes on. The last step's checkpoint would be deleted a moment later, as the run finishes: it costs
-    a fine-tuned encoder's weights and optimizer state on disk (~1 s for MiniLM) for nothing, unless
-    ``train.keep_checkpoints_after_run`` keeps it."""
+def checkpoint_due(state: TrainState, cfg: TrainConfig, total: int, epoch_end: bool) -> bool:
+    """Whether to checkpoint after this step: on a signal, or when scheduled (every ``train.checkpoint_every``
+    steps, or at an epoch end the loop checkpoints) and training goes on. The last step's checkpoint would be
+    deleted a moment later, as the run finishes: it costs a fine-tuned encoder's weights and optimizer state on
+    disk (~1 s for MiniLM) for nothing, unless ``train.keep_checkpoints_after_run`` keeps it."""
+    scheduled = epoch_end or bool(cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0)
     finishing = state.step >= total or state.stop
     return bool(STOP.received) or (scheduled and (not finishing or cfg.keep_checkpoints_after_run))
 
