@@ -81,7 +81,9 @@ def write_card(folder: Path, run: Run, metrics: dict[str, float]) -> None:
     """README.md: what the model is, what it was trained on, how well it does, and how to load it."""
     meta = json.loads((folder / "runner_model.json").read_text())
     data = run.cfg.data
-    source = data.hub or data.train or data.train_embeddings
+    from runner.sources import describe
+
+    source = data.hub or describe(data.train) or data.train_embeddings
     kind = {"Classify": "classifier", "MultiLabel": "multi-label classifier", "Regress": "regressor",
             "PairSimilarity": "bi-encoder (embeddings compared by similarity)", "Retrieve": "embedding model"}
     rows = "\n".join(f"| `{k}` | {v:.4f} |" for k, v in sorted(metrics.items()) if not k.startswith("train/"))

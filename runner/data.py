@@ -19,18 +19,19 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from omegaconf import ListConfig
 
-from runner import streaming
+from runner import compression, sources, streaming, text_encoding
 from runner.errors import DataError
 from runner.schema import DataConfig, DataType
 
-FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
+READERS = ("csv", "tsv", "jsonl", "parquet", "arrow", "lines", "delimited")
 DELIMITERS = {"comma": ",", "semicolon": ";", "tab": "\t", "pipe": "|", "space": " ", "\\t": "\t"}
 SPLITS = ("train", "validation", "test")
 log = logging.getLogger("runner")
@@ -75,6 +76,7 @@ class Dataset:
     validation: TextSplit | None  # None only when asked not to split one off (k-fold makes its own)
     test: TextSplit | None
     label_names: list  # id -> original label (str or int), saved with the model; [] for scores/triplets
+    sources: list = field(default_factory=list)  # runner.sources.Count of every source read
 
 
 def text_fields(cfg: DataConfig) -> list[str]:
@@ -104,7 +106,8 @@ def load_dataset(cfg: DataConfig, target: str = "class", need_validation: bool =
     fields = [] if vector_input else text_fields(cfg)
     label = None if target == "none" else cfg.label_field
     raw = [cfg.embedding_field] if cfg.embedding_field else []
-    frames = read_splits(cfg, fields, label, raw, need_validation)
+    tally = sources.Tally()
+    frames = read_splits(cfg, fields, label, raw, need_validation, tally)
     train = frames["train"]
     if cfg.max_train_samples:
         train = train.head(cfg.max_train_samples)
@@ -131,7 +134,8 @@ def load_dataset(cfg: DataConfig, target: str = "class", need_validation: bool =
     else:
         val_split = None
     test_split = encode(test, "test") if test is not None else None
-    return Dataset(train_split, val_split, test_split, named_labels(label_names, cfg.label_names, target))
+    return Dataset(train_split, val_split, test_split, named_labels(label_names, cfg.label_names, target),
+                   [asdict(c) for c in tally])
 
 
 def warn_rare_classes(labels: list, where) -> None:
@@ -166,24 +170,20 @@ def named_labels(labels: list, names, target: str) -> list:
     return renamed
 
 
-def given(cfg: DataConfig, split: str) -> bool:
-    """Whether a validation/test split is configured. A hub preset's split name does not count once
-    data.train is a local file (data=stsb data.train=train.csv): local train, local everything."""
-    value = getattr(cfg, split)
-    if not value:
-        return False
-    if cfg.hub and os.path.exists(cfg.train) and not os.path.exists(value):
-        log.info("data.%s=%s is a hub split but data.train is a local file: not using it", split, value)
-        return False
-    return True
-
-
-def read_splits(cfg: DataConfig, fields: list, label, raw: list, need_validation: bool) -> dict[str, pd.DataFrame]:
+def read_splits(cfg: DataConfig, fields: list, label, raw: list, need_validation: bool,
+                tally: sources.Tally | None = None) -> dict[str, pd.DataFrame]:
     """The configured splits as frames of ``text0..``, ``label`` and ``embedding`` columns."""
     if cfg.split_field is not None:
         return split_by_column(cfg, fields, label, raw, need_validation)
-    wanted = ["train"] + [s for s in ("validation", "test") if given(cfg, s) and (s == "test" or need_validation)]
-    return {split: select(cfg, *read_source(cfg, split), fields, label, raw) for split in wanted}
+    located = sources.split_sources(cfg)
+    wanted = ["train"] + [s for s in ("validation", "test") if s in located and (s == "test" or need_validation)]
+    out = {}
+    for split in wanted:
+        frame, where = read_source(cfg, split, located[split], tally)
+        out[split] = select(cfg, frame, where, fields, label, raw)
+        if tally and len(out[split]) < len(frame):  # data.missing_labels=drop
+            tally[-1].skipped["rows without a label (data.missing_labels=drop)"] = len(frame) - len(out[split])
+    return out
 
 
 def split_by_column(cfg: DataConfig, fields: list, label, raw: list, need_validation: bool) -> dict[str, pd.DataFrame]:
@@ -216,15 +216,27 @@ def split_by_column(cfg: DataConfig, fields: list, label, raw: list, need_valida
     return out
 
 
-def read_source(cfg: DataConfig, split: str) -> tuple[pd.DataFrame, str]:
-    """The whole table of one split (a file, or a hub split) and how messages name it."""
-    source = getattr(cfg, split)
-    if os.path.isdir(source) and not cfg.hub:
-        raise DataError(f"data.{split}={source} is a folder: give a data file (csv, tsv, txt, jsonl or parquet) "
-                        f"inside it, e.g. data.{split}={os.path.join(source, 'train.csv')}")
+def read_source(cfg: DataConfig, split: str, source=None, tally: sources.Tally | None = None) -> tuple[pd.DataFrame, str]:
+    """The whole table of one split and how messages name it. ``source`` (default: the configured value) is a
+    file, a folder or a mapping label -> file/folder (runner.sources), or a hub split name."""
+    source = getattr(cfg, split) if source is None else source
+    if isinstance(source, Mapping):
+        return sources.read_mapping(cfg, source, split, tally, read_file), f"data.{split} {sources.describe(source)}"
+    if not isinstance(source, str):
+        raise DataError(f"data.{split}={source!r}: give a file, a folder or a mapping label -> file "
+                        f"(data.{split}={{pos: pos.txt, neg: neg.txt}})")
     if os.path.exists(source) or not cfg.hub:
-        return read_table(source, cfg, split), source
-    return read_hub_split(cfg, source), f"{cfg.hub} [{source}]"
+        return read_file(cfg, source, split, tally), source
+    frame = read_hub_split(cfg, source)
+    sources.record(tally, sources.Count(split, f"{cfg.hub} [{source}]", len(frame)))
+    return frame, f"{cfg.hub} [{source}]"
+
+
+def read_file(cfg: DataConfig, path: str, split: str, tally: sources.Tally | None = None):
+    """A file or folder as its layout says (runner.sources.LAYOUTS for folders)."""
+    if os.path.isdir(path):
+        return sources.read_folder(cfg, path, split, tally)
+    return read_table(path, cfg, split, tally)
 
 
 def select(cfg: DataConfig, frame: pd.DataFrame, where: str, fields: list, label, raw: list) -> pd.DataFrame:
@@ -402,55 +414,75 @@ def row_number(index: int, where: str) -> int:
     return index + 2 if Path(where).suffix.lower() in (".csv", ".tsv", ".txt") else index + 1
 
 
-BINARY_MAGIC = {b"PK\x03\x04": "a zip archive (or an .xlsx/.docx file)", b"\x1f\x8b": "gzip-compressed",
-                b"PAR1": "a parquet file (name it .parquet or set data.format=parquet)", b"\x89PNG": "a PNG image",
-                b"%PDF": "a PDF document", b"\xff\xd8\xff": "a JPEG image", b"BZh": "bzip2-compressed",
-                b"\xfd7zXZ": "xz-compressed", b"\x28\xb5\x2f\xfd": "zstd-compressed"}
+BINARY_MAGIC = {b"PK\x03\x04": "a zip archive (or an .xlsx/.docx file)", b"PAR1": "a parquet file (name it .parquet or set data.format=parquet)",
+                b"\x89PNG": "a PNG image", b"%PDF": "a PDF document", b"\xff\xd8\xff": "a JPEG image",
+                b"ARROW1": "an Arrow file (name it .arrow or set data.format=arrow)",
+                **{magic: f"{name}-compressed inside a compressed file" for magic, (name, _) in compression.MAGIC.items()}}
 
 
-def check_text(path: str, encoding: str) -> None:
+def check_text(path: str, head: bytes, encoding: str) -> None:
     """A binary file is named as such (an encoding cannot fix it): NUL bytes or a known binary signature at the
-    start. UTF-16/32 text, which has NUL bytes, is fine when data.encoding says so."""
-    with open(path, "rb") as f:
-        head = f.read(8192)
+    start (of the decompressed bytes). UTF-16/32 text, which has NUL bytes, is fine when data.encoding says so."""
     kind = next((what for magic, what in BINARY_MAGIC.items() if head.startswith(magic)), None)
     if kind is None and b"\0" in head and not encoding.lower().replace("_", "-").startswith(("utf-16", "utf-32")):
         kind = "binary (it holds NUL bytes), not text"
     if kind:
         raise DataError(f"{path} looks {'like ' if kind.startswith('a ') else ''}{kind}: give a text table (csv, tsv, "
-                        f"txt, jsonl) or a parquet file")
+                        f"txt, jsonl), a parquet or Arrow file, or one of these compressed (.gz, .bz2, .xz, .zst, .zip)")
 
 
-def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
-    """A whole local file as read: named columns (header, data.columns) or positions (data.header=false)."""
+def read_table(path: str, cfg: DataConfig, split: str, tally: sources.Tally | None = None) -> pd.DataFrame:
+    """A whole local file as read: named columns (header, data.columns) or positions (data.header=false); one
+    example per line (data.format=lines, or a .txt file without a delimiter). Compressed files read as their
+    inner format (runner.compression)."""
     if not os.path.exists(path):
         raise DataError(f"data.{split}: file not found: {path} (relative paths start from {os.getcwd()})")
     if os.path.getsize(path) == 0:
         raise DataError(f"data.{split}: {path} is empty")
-    fmt = cfg.format or FORMATS.get(Path(path).suffix.lower()) or "delimited"
-    if fmt not in ("csv", "tsv", "jsonl", "parquet", "delimited"):
-        raise DataError(f"data.format={fmt!r} is not one of csv, tsv, jsonl, parquet")
+    fmt = cfg.format or FORMATS.get(Path(compression.inner_name(path)).suffix.lower()) or "delimited"
+    if fmt not in READERS:
+        raise DataError(f"data.format={fmt!r} is not one of csv, tsv, jsonl, parquet, arrow, lines")
     if cfg.quoting not in QUOTING:
         raise DataError(f"data.quoting={cfg.quoting!r} is not one of {list(QUOTING)}")
     if cfg.bad_lines not in ("error", "skip", "truncate"):
         raise DataError(f"data.bad_lines={cfg.bad_lines!r} is not one of error, skip, truncate")
-    encoding = "utf-8-sig" if cfg.encoding.lower().replace("_", "-") in ("utf-8", "utf8") else cfg.encoding  # a BOM is not text
+    if fmt == "arrow":
+        plain = compression.decompressed_copy(path, Path(streaming.cfg_cache_dir())) if compression.compression(path) else path
+        return sources.read_arrow(cfg, [plain], {}, path, split, tally)
+
+    def opener():
+        return compression.open_binary(path)
+
     if fmt != "parquet":
-        check_text(path, cfg.encoding)
+        with opener() as f:
+            head = f.read(8192)
+        check_text(path, head, cfg.encoding)
+    given = text_encoding.detect(path, opener) if cfg.encoding == text_encoding.AUTO and fmt != "parquet" else cfg.encoding
+    encoding = text_encoding.reading_codec(given)
+    sep = None
+    if fmt == "delimited":
+        sep = delimiter(cfg, fmt, path, opener, encoding)
+        fmt = "lines" if sep is None else fmt
+    if fmt == "lines":
+        return read_lines(path, opener, encoding, cfg, split, tally)
     if streaming.should_stream(cfg, path):
-        sep = delimiter(cfg, fmt, path, encoding) if fmt in ("csv", "tsv", "delimited") else None
-        return streaming.ArrowFrame(streaming.arrow_table(path, cfg, fmt, sep, encoding, QUOTING[cfg.quoting]))
+        if fmt in ("csv", "tsv"):
+            sep = delimiter(cfg, fmt, path, opener, encoding)
+        plain = compression.decompressed_copy(path, Path(streaming.cfg_cache_dir())) if compression.compression(path) else path
+        frame = streaming.ArrowFrame(streaming.arrow_table(plain, cfg, fmt, sep, encoding, QUOTING[cfg.quoting]))
+        sources.record(tally, sources.Count(split, path, len(frame)))
+        return frame
     try:
         if fmt == "parquet":
-            frame = pd.read_parquet(path)
+            with opener() as f:
+                frame = pd.read_parquet(f)
         elif fmt == "jsonl":
-            frame = read_jsonl(path, encoding)
+            frame = read_jsonl(path, opener, encoding)
         else:
-            sep = delimiter(cfg, fmt, path, encoding)
-            frame = read_delimited(path, cfg, sep, encoding)
+            sep = sep or delimiter(cfg, fmt, path, opener, encoding)
+            frame, bad = read_delimited(opener, path, cfg, sep, encoding)
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: line {undecodable_line(path, cfg.encoding)} is not valid {cfg.encoding} text; set "
-                        f"data.encoding (e.g. latin-1)") from err
+        raise text_encoding.not_decodable(path, given, opener) from err
     except (pd.errors.ParserError, ValueError) as err:
         raise DataError(parser_advice(path, str(err))) from err
     if not cfg.header and fmt in ("parquet", "jsonl") and not all(isinstance(c, int) for c in frame.columns):
@@ -466,31 +498,75 @@ def read_table(path: str, cfg: DataConfig, split: str) -> pd.DataFrame:
         check_stray_quotes(frame, sep, path, cfg.quoting)
     if frame.empty:
         raise DataError(f"data.{split}: {path} has a header but no rows")
-    blank = blank_lines(path) if fmt != "parquet" else 0
-    log.info("data.%s: %s rows read from %s%s", split, f"{len(frame):,}", path,
-             f" ({blank} blank lines skipped)" if blank else "")
+    skipped = {"blank lines": blank_lines(opener)} if fmt != "parquet" else {}
+    if fmt in ("csv", "tsv", "delimited") and bad:
+        skipped[f"lines with too many fields ({'cut' if cfg.bad_lines == 'truncate' else 'skipped'}, data.bad_lines)"] = bad
+    sources.record(tally, sources.Count(split, path, len(frame), {k: v for k, v in skipped.items() if v}))
     return frame
 
 
-def read_delimited(path: str, cfg: DataConfig, sep: str, encoding: str) -> pd.DataFrame:
-    """csv/tsv through pandas; lines with too many fields fail, or are skipped or cut (data.bad_lines), counted."""
+def read_lines(path: str, opener, encoding: str, cfg: DataConfig, split: str, tally) -> pd.DataFrame:
+    """One example per line: the text is the line without its line end. Only \\n and \\r\\n end a line (U+0085,
+    U+2028 and form feeds are text, unlike str.splitlines); blank lines are skipped and counted. Above
+    data.streaming_above_mb (or with data.streaming=true) the lines stay on disk (runner.streaming)."""
+    import codecs
+
+    text_name, _ = sources.columns(cfg)
+    if cfg.type != DataType.single:
+        raise DataError(f"{path} has one example per line (one text): that is data.type=single, not {cfg.type.value}")
+    decoder = codecs.getincrementaldecoder(encoding)()
+    writer = streaming.BatchWriter([text_name]) if streaming.should_stream(cfg, path) else None
+    kept, blank, carry = [], 0, ""
+    try:
+        with opener() as f:
+            while True:
+                chunk = f.read(1 << 22)
+                lines = (carry + decoder.decode(chunk, final=not chunk)).split("\n")
+                carry = lines.pop() if chunk else ""
+                for line in lines:
+                    line = line.removesuffix("\r")
+                    if line.strip():
+                        kept.append(line)
+                    else:
+                        blank += 1
+                if writer is not None:
+                    writer.write([kept])
+                    kept = []
+                if not chunk:
+                    break
+    except UnicodeDecodeError as err:
+        raise text_encoding.not_decodable(path, encoding.removesuffix("-sig"), opener) from err
+    blank -= 1 if not lines or lines[-1] == "" else 0  # the line end of the last line opens no line of its own
+    frame = streaming.ArrowFrame(writer.finish()) if writer is not None else pd.DataFrame({text_name: kept})
+    if len(frame) == 0:
+        raise DataError(f"data.{split}: {path} has no line with text")
+    sources.record(tally, sources.Count(split, f"{path} (one example per line)", len(frame),
+                                        {"blank lines": blank} if blank else {}))
+    return frame
+
+
+def read_delimited(opener, path: str, cfg: DataConfig, sep: str, encoding: str) -> tuple[pd.DataFrame, int]:
+    """csv/tsv through pandas; lines with too many fields fail, or are skipped or cut (data.bad_lines), counted.
+    Returns the frame and how many lines were skipped or cut."""
     # Always headerless to pandas: with a header, a first data row longer than the header would silently
     # become an index (or be cut); read raw, every line is held to the first line's width.
     options = dict(sep=sep, quoting=QUOTING[cfg.quoting], encoding=encoding, dtype=str, keep_default_na=False,
                    na_values=[], header=None)
     if cfg.bad_lines == "truncate":  # keep the first fields of a long line (the python engine takes a callable)
-        width, cut = len(pd.read_csv(path, nrows=1, **options).columns), []
+        with opener() as f:
+            width, cut = len(pd.read_csv(f, nrows=1, **options).columns), []
 
         def first_fields(fields: list[str]) -> list[str]:
             cut.append(len(fields))
             return fields[:width]
 
-        frame = pd.read_csv(path, engine="python", on_bad_lines=first_fields, **options)
+        with opener() as f:
+            frame = pd.read_csv(f, engine="python", on_bad_lines=first_fields, **options)
         count, how = len(cut), "cut to their first fields"
     else:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, opener() as f:
             warnings.simplefilter("always", pd.errors.ParserWarning)
-            frame = pd.read_csv(path, on_bad_lines="warn" if cfg.bad_lines == "skip" else "error", **options)
+            frame = pd.read_csv(f, on_bad_lines="warn" if cfg.bad_lines == "skip" else "error", **options)
         count, how = sum(str(w.message).count("Skipping line") for w in caught), "skipped"
     if count:
         log.warning("%s: %d lines with more fields than the first line %s (data.bad_lines=%s)", path, count, how,
@@ -498,7 +574,7 @@ def read_delimited(path: str, cfg: DataConfig, sep: str, encoding: str) -> pd.Da
     if cfg.header:
         frame.columns = frame.iloc[0].tolist()
         frame = frame.iloc[1:].reset_index(drop=True)
-    return frame
+    return frame, count
 
 
 def parser_advice(path: str, error: str) -> str:
@@ -515,8 +591,9 @@ def parser_advice(path: str, error: str) -> str:
             f"when fields contain raw quote characters)")
 
 
-def delimiter(cfg: DataConfig, fmt: str, path: str, encoding: str) -> str:
-    """data.delimiter (a character or a name such as semicolon/tab), the format's own, or sniffed and logged."""
+def delimiter(cfg: DataConfig, fmt: str, path: str, opener, encoding: str) -> str | None:
+    """data.delimiter (a character or a name such as semicolon/tab), the format's own, or sniffed and logged;
+    None for a file of another extension (.txt) whose lines are not a table: one example per line."""
     if cfg.delimiter:
         sep = DELIMITERS.get(cfg.delimiter.lower(), cfg.delimiter)
         if len(sep) != 1:
@@ -524,23 +601,47 @@ def delimiter(cfg: DataConfig, fmt: str, path: str, encoding: str) -> str:
         return sep
     if fmt != "delimited":
         return "\t" if fmt == "tsv" else ","
-    with open(path, encoding=encoding, errors="replace", newline="") as f:
-        sample = f.read(65536)
-    try:
-        sep = csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
-    except csv.Error as err:
-        raise DataError(f"{path}: cannot tell how its columns are separated; set data.delimiter (comma, semicolon, "
-                        f"tab, pipe or the character) or data.format=csv|tsv|jsonl|parquet") from err
+    with opener() as f:
+        sample = f.read(65536).decode(encoding, errors="replace")
+    sep = table_delimiter(sample, cfg)
+    if sep is None:
+        log.info("%s: no delimiter separates its lines into the same number of columns: one example per line "
+                 "(data.format=lines; set data.delimiter if it is a table)", path)
+        return None
     name = next(k for k, v in DELIMITERS.items() if v == sep)
     log.info("%s: no data.delimiter given and the extension does not say: it looks %s-separated "
              "(data.delimiter=%s)", path, name, name)
     return sep
 
 
-def read_jsonl(path: str, encoding: str) -> pd.DataFrame:
+def table_delimiter(sample: str, cfg: DataConfig) -> str | None:
+    """The delimiter that splits the sample's first lines (up to 50) into the same number (2 or more) of fields,
+    or whose split of the first line names the configured text or label column; None: not a table."""
+    lines = [line for line in sample.split("\n")[:-1] if line.strip()][:50] or [sample]
+    wanted = {str(f) for f in (cfg.text_field, cfg.label_field) if isinstance(f, str)}
+    consistent = []
+    for sep in ("\t", ",", ";", "|"):
+        widths = {len(row) for row in csv.reader(lines, delimiter=sep, quoting=QUOTING[cfg.quoting])}
+        first = next(csv.reader(lines[:1], delimiter=sep, quoting=QUOTING[cfg.quoting]), [])
+        if cfg.header and len(first) > 1 and wanted & {c.strip() for c in first}:
+            return sep
+        if len(widths) == 1 and widths.pop() > 1:
+            consistent.append(sep)
+    if len(consistent) > 1:
+        try:
+            sniffed = csv.Sniffer().sniff(sample, delimiters="".join(consistent)).delimiter
+            return sniffed if sniffed in consistent else consistent[0]
+        except csv.Error:
+            return consistent[0]
+    return consistent[0] if consistent else None
+
+
+def read_jsonl(path: str, opener, encoding: str) -> pd.DataFrame:
     """One JSON object (or list: a headerless row) per line; blank lines skipped; a bad line is named."""
+    import io
+
     rows = []
-    with open(path, encoding=encoding) as f:
+    with opener() as raw, io.TextIOWrapper(raw, encoding=encoding, newline="") as f:
         for number, line in enumerate(f, start=1):
             if line.strip():
                 try:
@@ -569,21 +670,10 @@ def check_stray_quotes(frame: pd.DataFrame, sep: str, path: str, quoting: str) -
                                 f"quoted field. Set data.quoting=none to read quote characters as text")
 
 
-def blank_lines(path: str) -> int:
-    """How many blank lines the reader skipped (reported in the log)."""
-    with open(path, "rb") as f:
+def blank_lines(opener) -> int:
+    """How many blank lines the reader skipped (reported in the log and data_sources.json)."""
+    with opener() as f:
         return sum(1 for line in f if not line.strip())
-
-
-def undecodable_line(path: str, encoding: str) -> int | str:
-    """The 1-based number of the first line that does not decode (the parser's offsets are per chunk)."""
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            try:
-                line.decode(encoding)
-            except UnicodeDecodeError:
-                return number
-    return "?"
 
 
 def read_hub_split(cfg: DataConfig, split: str) -> pd.DataFrame:

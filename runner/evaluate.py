@@ -52,7 +52,13 @@ def labelled_inputs(folder: Path, meta: dict, trained: dict, overrides: dict, ta
     test = overrides.pop("test", None)
     if not test:
         raise RunnerError("data.test=FILE is required: the labelled file to evaluate on")
-    data = reading_config(folder, meta, str(test), overrides)
+    from runner.sources import splits_of
+
+    inner = splits_of(test)
+    if "test" in inner:  # a folder of splits (class folders, a saved DatasetDict): its test split
+        log.info("data.test=%s holds splits %s: evaluating on %s", test, sorted(inner), inner["test"])
+        test = inner["test"]
+    data = reading_config(folder, meta, test, overrides)
     frame, where = read_source(data, "train")
     label = None if target == "none" else data.label_field
     vector_input = meta.get("input") == "embeddings"

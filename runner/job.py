@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from runner import artifact, cv, reuse, runfolder
@@ -86,6 +87,9 @@ def execute(run: Run) -> float:
     if cfg.tracking.enabled and accelerator.is_main_process:
         check_backends(cfg.tracking.backends)
     tracker = open_tracker(run, out, accelerator.is_main_process)
+    if data.sources and accelerator.is_main_process:  # rows read and skipped per file, folder and class
+        (out / "data_sources.json").write_text(json.dumps(data.sources, indent=2))
+        tracker.log_artifact(out / "data_sources.json")
     STOP.install()
     try:
         with tracker.closing():
@@ -209,9 +213,11 @@ def open_tracker(run: Run, out: Path, main_process: bool) -> Tracker:
 
 def data_name(data: DataConfig) -> str:
     """How a run name shows its data: the hub dataset, or the training file (with its folder when the file
-    is just called train.csv or the like)."""
+    is just called train.csv or the like; the labels of a mapping label -> source)."""
+    if isinstance(data.train, Mapping):
+        return "_".join(str(k) for k in data.train)[:40]
     if data.hub and not os.path.exists(data.train or ""):
-        return data.hub.rsplit("/", 1)[-1]
+        return Path(data.hub).name if os.path.isdir(data.hub) else data.hub.rsplit("/", 1)[-1]
     path = Path(data.train or data.train_embeddings or "data")
     generic = path.stem.lower() in ("train", "training", "data", "dataset", "all", "full")
     return f"{path.parent.name}_{path.stem}" if generic and path.parent.name else path.stem

@@ -101,8 +101,9 @@ def resolve_model_dir(model_dir: str, tracking_uri: str | None) -> Path:
     return Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/artifacts/runner_model", tracking_uri=uri))
 
 
-def reading_config(folder: Path, meta: dict, input_path: str, overrides: dict):
-    """The training run's data reading options (its config.yaml), the input as the file, user overrides."""
+def reading_config(folder: Path, meta: dict, input_path, overrides: dict):
+    """The training run's data reading options (its config.yaml), the input as data.train (a file, a folder or
+    a mapping label -> source), user overrides."""
     from omegaconf import OmegaConf
 
     from runner import trust

@@ -225,9 +225,13 @@ class DataConfig:
     hub: str | None = None  # hub dataset id; train/validation/test are then split names
     hub_config: str | None = None  # the dataset's configuration (subset) name
     revision: str | None = None  # a branch, tag or commit of the hub dataset
-    train: str | None = None
-    validation: str | None = None
-    test: str | None = None
+    # A split is a file (a table, or one example per line; compressed or not), a folder (one subfolder per class
+    # holding one file per example, with train/ test/ dev/ subfolders as splits; or a datasets save_to_disk
+    # folder), or a mapping label -> file or folder ({pos: pos.txt, neg: neg.txt}) (runner/sources.py)
+    train: Any = None
+    validation: Any = None
+    test: Any = None
+    classes: list[str] | None = None  # the class folders to read (others skipped and counted); null: all
     # A text field is a column name, a 0-based position (data.text_field=1) or a list of either, whose
     # texts are joined by data.text_join (data.text_field=[title,description])
     text_field: Any = "text"  # single
@@ -254,7 +258,9 @@ class DataConfig:
     @property
     def given_embeddings(self) -> bool:
         return bool(self.embedding_field or self.train_embeddings)
-    format: str | None = None  # csv, tsv, jsonl, parquet; None infers from the extension
+    # csv, tsv, jsonl, parquet, arrow, lines (one example per line); None infers from the extension (.txt: a table
+    # when a delimiter splits its lines evenly, else lines)
+    format: str | None = None
     # a character, or comma/semicolon/tab/pipe/space; None: comma (csv), tab (tsv), sniffed (other extensions)
     delimiter: str | None = None
     header: bool = True  # false: the first line is data; name the columns with data.columns or use positions
@@ -263,7 +269,7 @@ class DataConfig:
     # label cells that are empty, NaN/nan, NA, N/A, null or None: error (naming the rows) or drop (counted)
     missing_labels: str = "error"
     quoting: str = "minimal"  # minimal, all, nonnumeric, none (Python csv module)
-    encoding: str = "utf-8"
+    encoding: str = "utf-8"  # any Python codec, or auto: UTF-8 where it decodes, else detected and logged
     max_train_samples: int | None = None
     # Texts that stay on disk (memory-mapped Arrow, tokenized in the loader): true, false, or null = for files
     # above streaming_above_mb (runner/streaming.py)

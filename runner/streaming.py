@@ -150,3 +150,35 @@ class ColumnView:
 
     def __init__(self, values) -> None:
         self.tolist = values
+
+
+class BatchWriter:
+    """String columns written batch by batch to an Arrow file in the cache, then memory-mapped: texts read
+    from many sources (files of a folder, lines) that stay on disk. The file is unlinked once mapped (the
+    mapping keeps it until the process ends), so nothing is left behind."""
+
+    def __init__(self, names: list[str]) -> None:
+        import tempfile
+
+        import pyarrow as pa
+
+        folder = Path(cfg_cache_dir()) / "texts"
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, self.path = tempfile.mkstemp(suffix=".arrow", dir=folder)
+        os.close(handle)
+        self.schema = pa.schema([(n, pa.string()) for n in names])
+        self.writer = pa.ipc.new_file(self.path, self.schema)
+
+    def write(self, columns: list[list[str]]) -> None:
+        import pyarrow as pa
+
+        if columns and len(columns[0]):
+            self.writer.write_batch(pa.record_batch([pa.array(c, pa.string()) for c in columns], schema=self.schema))
+
+    def finish(self):
+        import pyarrow as pa
+
+        self.writer.close()
+        table = pa.ipc.open_file(pa.memory_map(self.path)).read_all()
+        os.unlink(self.path)
+        return table

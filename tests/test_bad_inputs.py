@@ -167,7 +167,7 @@ CASES = [
     ("inf score", lambda t: scores(t, "inf"), "row 22, column 'score': score 'inf' is not a finite number", 1),
     ("score outside the range", lambda t: scores(t, "7"), "row 22, column 'score': score 7 is outside task.score_range=[0, 5]", 1),
     ("wrong encoding", lambda t: [f"data.train={write(t, 'latin.csv', 'text,label' + chr(10) + 'good,pos' + chr(10) + 'café bad,neg' + chr(10), 'latin-1')}"],
-     "latin.csv: line 3 is not valid utf-8 text; set data.encoding (e.g. latin-1)", 1),
+     "latin.csv: byte 23 (line 3) is not valid utf-8 (b'\\xe9'); it looks like cp1252: set data.encoding=cp1252 (or data.encoding=auto", 1),
     ("missing text column", ["data.text_field=sentence"], "no column 'sentence' (data.text_field)", 1),
     ("empty file", lambda t: [f"data.train={write(t, 'empty.csv', '')}"], "empty.csv is empty", 1),
     ("validation label unseen in train", lambda t: [f"data.validation={write(t, 'v.csv', 'text,label' + chr(10) + 'x,zzz' + chr(10))}"],
@@ -194,7 +194,7 @@ CASES = [
     ("tokenizer larger than the embeddings", small_vocabulary_model, "tokens but the encoder", 1),
     ("pickle-only model folder", pickle_only_model, "the model weights are pickle files (pytorch_model.bin), which can "
      "run code when loaded; the runner reads safetensors only", 1),
-    ("a folder as data.train", lambda t: [f"data.train={t}"], "is a folder: give a data file", 1),
+    ("a folder as data.train", lambda t: [f"data.train={t}"], "is a folder without class subfolders: give a data file", 1),
     ("missing distillation teacher", ["distill.teacher=./no/such/teacher"], "distill.teacher=./no/such/teacher: no such "
      "folder", 1),
     ("misspelled key without +", ["train.learning_rate=1e-3"], "unknown key train.learning_rate (did you mean train.lr?)", 1),
