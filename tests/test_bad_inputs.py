@@ -31,6 +31,13 @@ def base(tmp_path, tokenizer_dir, toy_data, monkeypatch) -> list[str]:
             "train.progress=false", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
 
 
+def loose_folder(tmp_path: Path) -> Path:
+    """A folder of files without class subfolders: not a layout the runner reads."""
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "notes.txt").write_text("a text\n")
+    return tmp_path / "loose"
+
+
 def write(tmp_path: Path, name: str, text: str, encoding: str = "utf-8") -> str:
     path = tmp_path / name
     path.write_bytes(text.encode(encoding))
@@ -194,7 +201,7 @@ CASES = [
     ("tokenizer larger than the embeddings", small_vocabulary_model, "tokens but the encoder", 1),
     ("pickle-only model folder", pickle_only_model, "the model weights are pickle files (pytorch_model.bin), which can "
      "run code when loaded; the runner reads safetensors only", 1),
-    ("a folder as data.train", lambda t: [f"data.train={t}"], "is a folder without class subfolders: give a data file", 1),
+    ("a folder without class folders as data.train", lambda t: [f"data.train={loose_folder(t)}"], "is a folder without class subfolders: give a data file", 1),
     ("missing distillation teacher", ["distill.teacher=./no/such/teacher"], "distill.teacher=./no/such/teacher: no such "
      "folder", 1),
     ("misspelled key without +", ["train.learning_rate=1e-3"], "unknown key train.learning_rate (did you mean train.lr?)", 1),
