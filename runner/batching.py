@@ -41,23 +41,16 @@ class Encoded(torch.utils.data.Dataset):
         self.text_ids = torch.as_tensor([[vocabulary.setdefault(t, len(vocabulary)) for t in col] for col in columns])
 
     def lazy(self, tokenizer, columns, max_length: int, prefix: str, joint: bool) -> None:
-        """Token lengths of every row (one pass in chunks: the same length grouping as in memory) and token
-        ids on demand; text ids from hashes."""
-        from runner.streaming import text_ids
-
+        """Token ids on demand, token lengths on demand too (:class:`LazyLengths`: the batches a job uses are
+        grouped exactly as in memory, without tokenizing ten million rows for a hundred steps); text ids from
+        hashes, also on demand (:class:`LazyTextIds`)."""
         groups = [list(columns)] if joint else [[col] for col in columns]
         self.input_ids = [LazyTokens(tokenizer, g, max_length, prefix, "input_ids") for g in groups]
         probe = tokenizer(*(["x"] * len(groups[0])))
         self.token_type_ids = [LazyTokens(tokenizer, g, max_length, prefix, "token_type_ids") if "token_type_ids" in probe
                                else None for g in groups]
-        lengths = []
-        for group in groups:
-            chunks = zip(*(col.chunks() for col in group))
-            lengths.append(np.concatenate([[len(ids) for ids in tokenizer(*([prefix + t for t in c] for c in chunk), truncation=True,
-                                                                          max_length=max_length)["input_ids"]]
-                                           for chunk in chunks]))
-        self.lengths = np.max(lengths, axis=0)
-        self.text_ids = torch.as_tensor(np.stack([text_ids(col) for col in columns]))
+        self.lengths = LazyLengths(tokenizer, groups, max_length, prefix)
+        self.text_ids = LazyTextIds(list(columns))
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -81,6 +74,60 @@ class LazyTokens(Sequence):
     def __getitem__(self, i: int) -> list[int]:
         texts = [self.prefix + col[i] for col in self.columns]
         return self.tokenizer(*texts, truncation=True, max_length=self.max_length)[self.field]
+
+
+class LazyLengths:
+    """Token lengths of texts on disk, tokenized the first time a row's length is asked for (the longest of a
+    row's columns when they are tokenized apart). Indexing gives an array, as indexing the in-memory lengths
+    does; ``np.asarray`` computes every row (evaluation sorts a whole split)."""
+
+    def __init__(self, tokenizer, groups: list[list], max_length: int, prefix: str) -> None:
+        self.tokenizer, self.groups, self.max_length, self.prefix = tokenizer, groups, max_length, prefix
+        self.known = np.full(len(groups[0][0]), -1, dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.known)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = np.asarray(index)
+        missing = np.unique(index[self.known[index] < 0])
+        for start in range(0, len(missing), 1000):  # rows spread over a file on disk: released every 1,000
+            rows = missing[start:start + 1000]
+            self.known[rows] = np.max([self.count([col.take(rows) for col in group]) for group in self.groups], axis=0)
+        return self.known[index]
+
+    def count(self, columns: list) -> list[int]:
+        texts = [[self.prefix + t for t in next(col.chunks(len(col)), [])] for col in columns]
+        encoded = self.tokenizer(*texts, truncation=True, max_length=self.max_length, return_attention_mask=False,
+                                 return_token_type_ids=False)
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        values = self[np.arange(len(self))]
+        return values if dtype is None else values.astype(dtype)
+
+    def __neg__(self) -> np.ndarray:
+        return -np.asarray(self)
+
+
+class LazyTextIds:
+    """Text ids of texts on disk (runner.streaming.text_ids: a hash of the text, so equal texts get equal ids
+    whichever rows are asked for), computed for the rows a batch holds; ``.numpy()`` gives every row's."""
+
+    def __init__(self, columns: list) -> None:
+        self.columns = columns
+
+    def __getitem__(self, key) -> torch.Tensor:
+        from runner.streaming import text_ids
+
+        columns, index = key
+        index = np.atleast_1d(np.asarray(index))
+        return torch.as_tensor(np.stack([text_ids(col.take(index)) for col in self.columns[columns]]))
+
+    def numpy(self) -> np.ndarray:
+        from runner.streaming import text_ids
+
+        return np.stack([text_ids(col) for col in self.columns])
 
 
 class FrozenSplit(torch.utils.data.Dataset):
@@ -171,31 +218,44 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
         return -(-len(self.lengths) // self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self.batches() if self.shuffle else self.sorted_batches()
-        yield from batches[self.skip :]
+        yield from self.epoch_batches(self.skip) if self.shuffle else self.sorted_batches()[self.skip :]
+
+    def epoch_batches(self, skip: int = 0) -> Iterator[list[int]]:
+        order, (starts, ks) = self.plan()
+        sorted_chunks: dict[int, np.ndarray] = {}
+        for start, k in zip(starts[skip:].tolist(), ks[skip:].tolist()):  # a mega-batch is sorted when first used
+            if start not in sorted_chunks:
+                chunk = order[start : start + self.batch_size * self.group]
+                sorted_chunks[start] = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            yield sorted_chunks[start][k * self.batch_size : (k + 1) * self.batch_size].tolist()
 
     def sorted_batches(self) -> list[list[int]]:
-        order = np.argsort(-self.lengths, kind="stable")
+        order = np.argsort(-np.asarray(self.lengths), kind="stable")
         return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
 
-    def batches(self) -> list[list[int]]:
+    def plan(self) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """The epoch's row order and its batches as (mega-batch start, batch within it) arrays, in the order they
+        are used: which rows a batch holds needs the lengths of its mega-batch only."""
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self.lengths))
         mega = self.batch_size * self.group
-        batches = []
-        for start in range(0, len(order), mega):
-            chunk = order[start : start + mega]
-            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-            batches += [chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size)]
-        return [batches[b] for b in rng.permutation(len(batches))]
+        per_mega = [-(-min(mega, len(order) - start) // self.batch_size) for start in range(0, len(order), mega)]
+        starts = np.repeat(np.arange(len(per_mega), dtype=np.int64) * mega, per_mega)
+        ks = np.concatenate([np.arange(n) for n in per_mega]) if per_mega else np.zeros(0, dtype=np.int64)
+        shuffled = rng.permutation(len(starts))
+        return order, (starts[shuffled], ks[shuffled])
+
+    def batches(self) -> list[list[int]]:
+        """Every batch of the epoch, in order."""
+        return list(self.epoch_batches())
 
 
 class RandomBatches(LengthGroupedBatches):
     """Plain shuffled batches (``train.group_by_length=false``), for comparison and benchmarks."""
 
-    def batches(self) -> list[list[int]]:
+    def epoch_batches(self, skip: int = 0) -> Iterator[list[int]]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.lengths))
-        return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        yield from (order[i : i + self.batch_size].tolist() for i in range(skip * self.batch_size, len(order), self.batch_size))
 
 
 class ShardedBatches(torch.utils.data.Sampler):

@@ -115,7 +115,7 @@ def load_dataset(cfg: DataConfig, target: str = "class", need_validation: bool =
 
     label_names = label_map(train["label"], target, cfg.label_separator) if target in ("class", "multi_label") else []
     if target == "class":
-        warn_rare_classes(train["label"].tolist(), where=cfg.train)
+        warn_rare_classes(train["label"], where=sources.describe(cfg.train))
     if target == "class" and len(label_names) < 2:
         first = f"its first {cfg.max_train_samples} rows (data.max_train_samples) have" if cfg.max_train_samples else "has"
         raise DataError(f"data.train {cfg.train}: {first} a single class ({label_names[0]!r} in column "
@@ -134,14 +134,23 @@ def load_dataset(cfg: DataConfig, target: str = "class", need_validation: bool =
     else:
         val_split = None
     test_split = encode(test, "test") if test is not None else None
+    streaming.release()  # the pages of files on disk that the checks read are not this job's memory
     return Dataset(train_split, val_split, test_split, named_labels(label_names, cfg.label_names, target),
                    [asdict(c) for c in tally])
 
 
-def warn_rare_classes(labels: list, where) -> None:
+def class_counts(labels: pd.Series) -> pd.Series:
+    """Rows per distinct label (surrounding spaces are not part of a label), counted per category: one pass
+    in C over millions of rows, no Python object per row."""
+    counts = labels.astype("category").value_counts()
+    keys = [k.strip() if isinstance(k, str) else k for k in counts.index.tolist()]
+    return pd.Series(counts.to_numpy(), index=pd.Index(keys, dtype=object)).groupby(level=0, sort=False).sum()
+
+
+def warn_rare_classes(labels: pd.Series, where) -> None:
     """A class seen once cannot be both learned and checked (stratified folds, validation splits): say so. The
     warning is in runner.log, which every run logs to MLflow."""
-    counts = pd.Series([v.strip() if isinstance(v, str) else v for v in labels]).value_counts()
+    counts = class_counts(labels)
     rare = counts[counts < 2]
     if len(rare):
         log.warning("data.train %s: %d classes occur in fewer than 2 training rows (%s): they can barely be learned "
@@ -701,7 +710,7 @@ def label_map(labels: pd.Series, target: str, separator: str) -> list:
     if target == "multi_label":
         values = [v for cell in labels.tolist() for v in split_labels(cell, separator)]
     else:
-        values = [v.strip() if isinstance(v, str) else v for v in labels.tolist()]
+        values = class_counts(labels).index.tolist()  # the distinct labels: millions of rows, a few values
     try:
         as_int = [int(v) for v in values]
         if all(str(v).strip() == str(i) for v, i in zip(values, as_int)):
@@ -714,43 +723,67 @@ def label_map(labels: pd.Series, target: str, separator: str) -> list:
 def encode_targets(labels: pd.Series, target: str, names: list, split: str, cfg: DataConfig,
                    score_range: list[float] | None = None) -> np.ndarray:
     """Class ids (int64), scores (float32) or multi-hot rows (float32), with the row of any bad value."""
-    where = getattr(cfg, split)
-    index = {str(name): i for i, name in enumerate(names)}
-    values = labels.tolist()
+    where = sources.describe(getattr(cfg, split))
+    if target == "class":
+        return encode_classes(labels, names, where, cfg)
     if target == "score":
-        out = np.empty(len(values), dtype=np.float32)
-    elif target == "multi_label":
-        out = np.zeros((len(values), len(names)), dtype=np.float32)
-    else:
-        out = np.empty(len(values), dtype=np.int64)
-    for row, value in enumerate(values):
-        bad = None
-        if target == "score":
-            try:
-                out[row] = score = float(value)
-            except (TypeError, ValueError):
-                bad = f"score {value!r} is not a number"
-            else:
-                if not np.isfinite(score):
-                    bad = f"score {value!r} is not a finite number"
-                elif score_range and not score_range[0] <= score <= score_range[1]:
-                    bad = f"score {score:g} is outside task.score_range=[{score_range[0]:g}, {score_range[1]:g}]"
-        else:
-            keys = split_labels(value, cfg.label_separator) if target == "multi_label" else [str(value).strip()]
-            unknown = [k for k in keys if k not in index]
-            if unknown:
-                bad = f"label {unknown[0]!r} does not occur in the training data (known labels: {names})"
-            elif target == "multi_label":
-                out[row, [index[k] for k in keys]] = 1.0
-            else:
-                out[row] = index[keys[0]]
-        if bad:
-            raise DataError(f"{where}: row {row_number(row, where)}, column {cfg.label_field!r}: {bad}")
+        return encode_scores(labels, where, cfg, score_range)
+    index = {str(name): i for i, name in enumerate(names)}
+    out = np.zeros((len(labels), len(names)), dtype=np.float32)
+    for row, value in enumerate(labels.tolist()):
+        keys = split_labels(value, cfg.label_separator)
+        unknown = [k for k in keys if k not in index]
+        if unknown:
+            bad_label(where, row, cfg, f"label {unknown[0]!r} does not occur in the training data (known labels: {names})")
+        out[row, [index[k] for k in keys]] = 1.0
     return out
 
 
+def bad_label(where: str, row: int, cfg: DataConfig, problem: str):
+    raise DataError(f"{where}: row {row_number(row, where)}, column {cfg.label_field!r}: {problem}")
+
+
+def encode_classes(labels: pd.Series, names: list, where: str, cfg: DataConfig) -> np.ndarray:
+    """Class ids through the labels' categories: a lookup per distinct label, not per row."""
+    categorical = labels.astype("category").reset_index(drop=True)
+    index = {str(name): i for i, name in enumerate(names)}
+    categories = categorical.cat.categories.tolist()
+    lookup = np.array([index.get(str(c).strip(), -1) for c in categories] + [-1], dtype=np.int64)
+    codes = categorical.cat.codes.to_numpy()  # -1 for a missing value: the lookup's last entry
+    out = lookup[codes]
+    if (out < 0).any():
+        row = int(np.flatnonzero(out < 0)[0])
+        value = categories[codes[row]] if codes[row] >= 0 else None
+        bad_label(where, row, cfg, f"label {str(value).strip()!r} does not occur in the training data (known labels: {names})")
+    return out
+
+
+def encode_scores(labels: pd.Series, where: str, cfg: DataConfig, score_range) -> np.ndarray:
+    """Float scores, checked column-wise: numbers, finite, within task.score_range."""
+    labels = labels.reset_index(drop=True)
+    if isinstance(labels.dtype, pd.CategoricalDtype):  # a column on disk (runner.streaming): convert each value once
+        values = pd.to_numeric(pd.Series(labels.cat.categories), errors="coerce").to_numpy(dtype=np.float64)
+        scores = np.append(values, np.nan)[labels.cat.codes.to_numpy()]
+    else:
+        scores = pd.to_numeric(labels, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.flatnonzero(np.isnan(scores))
+    if len(bad):
+        bad_label(where, int(bad[0]), cfg, f"score {labels.iloc[int(bad[0])]!r} is not a number")
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(bad):
+        bad_label(where, int(bad[0]), cfg, f"score {labels.iloc[int(bad[0])]!r} is not a finite number")
+    if score_range:
+        bad = np.flatnonzero((scores < score_range[0]) | (scores > score_range[1]))
+        if len(bad):
+            bad_label(where, int(bad[0]), cfg, f"score {scores[bad[0]]:g} is outside task.score_range="
+                                               f"[{score_range[0]:g}, {score_range[1]:g}]")
+    return scores.astype(np.float32)
+
+
 def split_off_validation(train: TextSplit, fraction: float, seed: int) -> tuple[TextSplit, TextSplit]:
-    """A seeded split of train, stratified by label when every class has at least two examples."""
+    """A seeded split of train, stratified by label when every class has at least two examples. Above
+    BIG_SPLIT rows, each class's share is drawn by NumPy: scikit-learn's stratified split holds several
+    copies of the row index, gigabytes for tens of millions of rows."""
     from sklearn.model_selection import train_test_split
 
     if not 0 < fraction < 1:
@@ -759,7 +792,27 @@ def split_off_validation(train: TextSplit, fraction: float, seed: int) -> tuple[
     if train.labels is not None and train.labels.ndim == 1 and train.labels.dtype.kind == "i":
         counts = np.bincount(train.labels)
         stratify = train.labels if counts[counts > 0].min() >= 2 else None
+    if len(train) > BIG_SPLIT:
+        held = np.sort(drawn_rows(stratify, len(train), fraction, seed))
+        keep = np.ones(len(train), dtype=bool)
+        keep[held] = False
+        return train.subset(np.flatnonzero(keep)), train.subset(held)
     keep, held = train_test_split(
         np.arange(len(train)), test_size=fraction, random_state=seed, stratify=stratify
     )
     return train.subset(np.sort(keep)), train.subset(np.sort(held))
+
+
+BIG_SPLIT = 2_000_000
+
+
+def drawn_rows(labels: np.ndarray | None, rows: int, fraction: float, seed: int) -> np.ndarray:
+    """``fraction`` of the rows (of each class when ``labels`` is given), drawn without replacement."""
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        return rng.choice(rows, size=max(1, round(rows * fraction)), replace=False)
+    order = np.argsort(labels, kind="stable")  # the rows of each class, together
+    bounds = np.cumsum(np.bincount(labels))
+    parts = [rng.choice(order[start:end], size=max(1, round((end - start) * fraction)), replace=False)
+             for start, end in zip(np.concatenate([[0], bounds[:-1]]), bounds) if end > start]
+    return np.concatenate(parts)

@@ -411,27 +411,13 @@ def class_names(folder: str) -> dict[str, list[str]]:
     return out
 
 
-def arrow_table(path: str):
-    """One Arrow IPC file (datasets writes the stream format; the file format is read too), memory-mapped."""
-    import pyarrow as pa
-
-    try:
-        source = pa.memory_map(path)
-        try:
-            return pa.ipc.open_stream(source).read_all()
-        except pa.ArrowInvalid:
-            return pa.ipc.open_file(pa.memory_map(path)).read_all()
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"{path} is not an Arrow IPC file ({err})") from err
-
-
 def read_arrow(cfg, paths: list[str], names: dict[str, list[str]], where: str, split: str, tally: Tally | None):
     """Arrow files as one table: mapped (kept on disk) above data.streaming_above_mb, else a DataFrame.
     ClassLabel ids become their names (-1, datasets' "no label", becomes a missing label)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    table = pa.concat_tables([arrow_table(p) for p in paths]) if len(paths) > 1 else arrow_table(paths[0])
+    table = pa.concat_tables([streaming.mapped_table(p) for p in paths]) if len(paths) > 1 else streaming.mapped_table(paths[0])
     for column, labels in names.items():
         if column in table.column_names:
             ids = table.column(column)
