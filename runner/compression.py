@@ -25,7 +25,8 @@ def open_zstd(path: str):
         import zstandard
     except ImportError as err:  # a dependency of the runner; only a broken install lacks it
         raise DataError(f"{path} is zstd-compressed and the zstandard package is missing: pip install zstandard") from err
-    return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+    # buffered: the stream reader alone cannot iterate lines
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True), 1 << 20)
 
 
 # signature -> (name, opener): what a compressed file's first bytes say it is

@@ -354,7 +354,8 @@ def resolve_column(cfg: DataConfig, frame: pd.DataFrame, spec, key: str, where: 
                         f"(data.columns=[label,text]) or refer to them by 0-based position (data.{key}=1)")
     one_line = len(columns) == 1 and any(c in str(columns[0]) for c in ",;\t|")
     hint = ("the whole line is one column: set data.delimiter (comma, semicolon, tab, pipe or the character)"
-            if one_line else "the file has a single column: a labelled file needs a text and a label column"
+            if one_line else "the file has a single column: a labelled file needs a text and a label column (one example "
+            "per line carries no label: give labels by source, data.train={pos: pos.txt, neg: neg.txt})"
             if len(columns) == 1 else "if the file's first line is data, not column names, set data.header=false "
             "and name the columns (data.columns=[...])")
     raise DataError(f"{where}: no column {spec!r} (data.{key}); the file has columns {columns}. Set data.{key}; {hint}")
@@ -629,9 +630,13 @@ def table_delimiter(sample: str, cfg: DataConfig) -> str | None:
     lines = [line for line in sample.split("\n")[:-1] if line.strip()][:50] or [sample]
     wanted = {str(f) for f in (cfg.text_field, cfg.label_field) if isinstance(f, str)}
     consistent = []
+    lines = [line.removesuffix("\r") for line in lines]
     for sep in ("\t", ",", ";", "|"):
-        widths = {len(row) for row in csv.reader(lines, delimiter=sep, quoting=QUOTING[cfg.quoting])}
-        first = next(csv.reader(lines[:1], delimiter=sep, quoting=QUOTING[cfg.quoting]), [])
+        try:
+            widths = {len(row) for row in csv.reader(lines, delimiter=sep, quoting=QUOTING[cfg.quoting])}
+            first = next(csv.reader(lines[:1], delimiter=sep, quoting=QUOTING[cfg.quoting]), [])
+        except csv.Error:  # a lone carriage return inside a line: not a csv row
+            continue
         if cfg.header and len(first) > 1 and wanted & {c.strip() for c in first}:
             return sep
         if len(widths) == 1 and widths.pop() > 1:

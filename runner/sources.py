@@ -229,9 +229,7 @@ def class_files(folder: str, classes: list | None) -> tuple[list[tuple[str, str]
     found = [name for name, is_dir in listed if is_dir]
     loose = [name for name, is_dir in listed if not is_dir]
     if not found:
-        raise DataError(f"{folder} is a folder without class subfolders: give a data file, a folder with one "
-                        f"subfolder per class (one file per example), or a mapping label -> file "
-                        f"(data.train={{pos: pos.txt, neg: neg.txt}})")
+        return [], {}
     wanted = found if classes is None else [str(c) for c in classes]
     missing = [c for c in wanted if c not in found]
     if missing:
@@ -288,6 +286,20 @@ def read_class_folder(cfg, folder: str, split: str, tally: Tally | None):
         raise DataError(f"data.{split}={folder} is a folder of class folders (one text per file): that is data.type="
                         f"single, not {cfg.type.value}")
     labelled, skipped = class_files(folder, cfg.classes)
+    if not labelled and not any(os.scandir(folder)):
+        raise DataError(f"data.{split}={folder} is an empty folder")
+    if not labelled:  # a folder of files without class folders: examples without labels (what predict reads)
+        if cfg.classes is not None:
+            raise DataError(f"data.classes: {folder} has no class folders (subfolders); it holds files only")
+        paths = list(walk_files(folder))
+        frame, more, _ = read_examples(cfg, [("", p) for p in paths], split, folder)
+        hidden_files = count_hidden(folder)
+        record(tally, Count(split, f"{folder} (files without class folders: no labels)", len(frame),
+                            {**({"hidden files": hidden_files} if hidden_files else {}), **more}))
+        label = columns(cfg)[1]
+        if isinstance(frame, streaming.ArrowFrame):
+            return streaming.ArrowFrame(frame.table.drop_columns([label]))
+        return frame.drop(columns=[label])
     frame, more, per_label = read_examples(cfg, labelled, split, folder)
     record(tally, Count(split, folder, len(frame), {**skipped, **more}, per_label))
     return frame
