@@ -21,18 +21,17 @@ import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pandas as pd
 
 from runner import streaming, text_encoding
-from runner.compression import decompress_bytes
+from runner.compression import MAGIC, decompress_bytes
 from runner.errors import DataError
 
 log = logging.getLogger("runner")
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
-BATCH = 4096  # files read per batch (a thread pool overlaps their reads)
+BATCH = 4096  # files read per batch (a streamed folder writes each batch to disk)
 MAX_JSON = 1 << 20  # a saved dataset's state.json / dataset_info.json is small: a bigger one is not read
 
 
@@ -152,73 +151,85 @@ def hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("~$") or name == "__MACOSX"
 
 
-def walk_files(folder: str) -> Iterator[str]:
-    """Every non-hidden file below ``folder`` (hidden folders are not entered), in sorted order."""
+def walk_files(folder: str, hidden_files: list[int] | None = None) -> Iterator[str]:
+    """Every non-hidden file below ``folder`` (hidden folders are not entered), in sorted order; hidden files
+    (and the files of hidden folders) are counted in ``hidden_files[0]``."""
     with os.scandir(folder) as entries:
-        listed = sorted((e.name, e.is_dir(), e.path) for e in entries if not hidden(e.name))
-    for _, is_dir, path in listed:
-        if is_dir:
-            yield from walk_files(path)
+        listed = sorted((e.name, e.is_dir(), e.path) for e in entries)
+    for name, is_dir, path in listed:
+        if hidden(name):
+            if hidden_files is not None:
+                hidden_files[0] += sum(len(files) for _, _, files in os.walk(path)) if is_dir else 1
+        elif is_dir:
+            yield from walk_files(path, hidden_files)
         else:
             yield path
 
 
-def count_hidden(folder: str) -> int:
-    """Hidden files (and the files of hidden folders) below ``folder``: skipped, and counted."""
-    total = 0
-    for root, _dirs, files in os.walk(folder):
-        if any(hidden(part) for part in os.path.relpath(root, folder).split(os.sep) if part != "."):
-            total += len(files)
-        else:
-            total += sum(hidden(f) for f in files)
-    return total
-
-
 def read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    """A whole file through the system calls themselves: on a small file, building a Python file object costs
+    more than reading it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        parts = [os.read(fd, 1 << 16)]
+        while parts[-1]:
+            parts.append(os.read(fd, 1 << 20))
+    finally:
+        os.close(fd)
+    return b"".join(parts)
 
 
-def file_texts(paths: list[str], encoding: str, skipped: dict[str, int]) -> list[tuple[str, str]]:
-    """(path, text) of every file that holds text, read by a thread pool (file reads release the GIL); empty
-    and whitespace-only files counted in ``skipped``. With data.encoding=auto, the files that are not UTF-8
-    are read in the one encoding detected from them together."""
+FIRST_BYTES = {magic[:1] for magic in MAGIC}  # a file's first byte decides whether to look for a signature
+
+
+def file_texts(paths: list[str], encoding: str, skipped: dict[str, int]) -> list[tuple[int, str]]:
+    """(position in ``paths``, text) of every file that holds text; empty and whitespace-only files counted in
+    ``skipped``. One plain loop: on small files the open/read calls are the cost, and threads only add
+    contention for the interpreter. With data.encoding=auto, the files that are not UTF-8 are read in the one
+    encoding detected from them together."""
     auto = encoding == text_encoding.AUTO
     codec = text_encoding.reading_codec("utf-8" if auto else encoding)
+    utf8 = codec == "utf-8-sig"  # decoded as utf-8 and a byte-order mark dropped: the C codec, not utf_8_sig's
+    wide = codec.startswith(("utf-16", "utf-32"))
     out, undecoded = [], []
-    with ThreadPoolExecutor(8) as pool:
-        for path, data in zip(paths, pool.map(read_bytes, paths)):
-            if not data:
-                skipped["empty files"] = skipped.get("empty files", 0) + 1
-                continue
+    for position, path in enumerate(paths):
+        data = read_bytes(path)
+        if not data:
+            skipped["empty files"] = skipped.get("empty files", 0) + 1
+            continue
+        if data[:1] in FIRST_BYTES:
             data = decompress_bytes(data)
-            if b"\0" in data[:8192] and not codec.startswith(("utf-16", "utf-32")):
-                raise DataError(f"{path} holds NUL bytes: a binary file, not text. Move it out of the folder (hidden "
-                                f"files, named .*, are skipped)")
-            try:
-                text = data.decode(codec)
-            except UnicodeDecodeError:
-                if not auto:
-                    text_encoding.decode(data, encoding, path)  # raises with the offset, line and likely encoding
-                undecoded.append((path, data))
-                continue
-            keep(out, path, text, skipped)
+        if not wide and b"\0" in data:
+            raise DataError(f"{path} holds NUL bytes: a binary file, not text. Move it out of the folder (hidden "
+                            f"files, named .*, are skipped)")
+        try:
+            text = data.decode("utf-8") if utf8 else data.decode(codec)
+            if utf8 and text[:1] == "\ufeff":
+                text = text[1:]
+        except UnicodeDecodeError:
+            if not auto:
+                text_encoding.decode(data, encoding, path)  # raises with the offset, line and likely encoding
+            undecoded.append((position, path, data))
+            continue
+        keep(out, position, text, skipped)
     if undecoded:
-        sample = b"\n".join(data for _, data in undecoded)[: 1 << 20]
+        sample = b"\n".join(data for _, _, data in undecoded)[: 1 << 20]
         guessed, confidence = text_encoding.guess(sample)
         log.info("%d files are not UTF-8 (first: %s); read as %s (data.encoding=auto, confidence %.2f)",
-                 len(undecoded), undecoded[0][0], guessed, confidence)
-        for path, data in undecoded:
-            keep(out, path, text_encoding.decode(data, guessed, path), skipped)
+                 len(undecoded), undecoded[0][1], guessed, confidence)
+        for position, path, data in undecoded:
+            keep(out, position, text_encoding.decode(data, guessed, path), skipped)
+        out.sort(key=lambda item: item[0])
     return out
 
 
-def keep(out: list, path: str, text: str, skipped: dict[str, int]) -> None:
-    text = text.removesuffix("\n").removesuffix("\r")  # a file's last line end is not part of its text
-    if not text.strip():
+def keep(out: list, position: int, text: str, skipped: dict[str, int]) -> None:
+    if text[-1:] == "\n":  # a file's last line end is not part of its text
+        text = text[:-2] if text[-2:] == "\r\n" else text[:-1]
+    if not text or (text[0].isspace() and not text.strip()):
         skipped["blank files"] = skipped.get("blank files", 0) + 1
     else:
-        out.append((path, text))
+        out.append((position, text))
 
 
 def class_files(folder: str, classes: list | None) -> tuple[list[tuple[str, str]], dict[str, int]]:
@@ -241,11 +252,11 @@ def class_files(folder: str, classes: list | None) -> tuple[list[tuple[str, str]
     if others:
         skipped[f"files of classes not in data.classes ({', '.join(others)})"] = sum(
             1 for c in others for _ in walk_files(os.path.join(folder, c)))
-    hidden_files = sum(count_hidden(os.path.join(folder, c)) for c in wanted) + sum(
-        hidden(e) for e in os.listdir(folder) if os.path.isfile(os.path.join(folder, e)))
-    if hidden_files:
-        skipped["hidden files"] = hidden_files
-    return [(c, p) for c in wanted for p in walk_files(os.path.join(folder, c))], skipped
+    hidden_files = [sum(hidden(e) for e in os.listdir(folder) if os.path.isfile(os.path.join(folder, e)))]
+    labelled = [(c, p) for c in wanted for p in walk_files(os.path.join(folder, c), hidden_files)]
+    if hidden_files[0]:
+        skipped["hidden files"] = hidden_files[0]
+    return labelled, skipped
 
 
 def read_examples(cfg, labelled: list[tuple[str, str]], split: str, where: str) -> tuple[object, dict, dict]:
@@ -259,19 +270,19 @@ def read_examples(cfg, labelled: list[tuple[str, str]], split: str, where: str) 
     texts, labels, size = [], [], 0
     for start in range(0, len(labelled), BATCH):
         part = labelled[start:start + BATCH]
-        label_of = dict((p, c) for c, p in part)
-        for path, text in file_texts([p for _, p in part], cfg.encoding, skipped):
+        for position, text in file_texts([p for _, p in part], cfg.encoding, skipped):
             texts.append(text)
-            labels.append(label_of[path])
-            per_label[label_of[path]] = per_label.get(label_of[path], 0) + 1
+            labels.append(part[position][0])
             size += len(text)
         if writer is None and cfg.streaming is None and size > cfg.streaming_above_mb * 2**20:
             writer = streaming.BatchWriter([text_name, label_name])
             log.info("%s: texts above data.streaming_above_mb=%d: kept on disk (runner.streaming)", where,
                      cfg.streaming_above_mb)
         if writer is not None:
+            per_label.update(count_labels(labels, per_label))
             writer.write([texts, labels])
             texts, labels = [], []
+    per_label.update(count_labels(labels, per_label))
     if writer is not None:
         frame = streaming.ArrowFrame(writer.finish())
     else:
@@ -279,6 +290,21 @@ def read_examples(cfg, labelled: list[tuple[str, str]], split: str, where: str) 
     if len(frame) == 0:
         raise DataError(f"data.{split}: {where} has no file with text (skipped: {skipped or 'nothing'})")
     return frame, skipped, per_label
+
+
+def count_labels(labels: list[str], counts: dict[str, int]) -> dict[str, int]:
+    out = dict(counts)
+    for label, n in pd.Series(labels, dtype=object).value_counts(sort=False).items():
+        out[label] = out.get(label, 0) + int(n)
+    return dict(sorted(out.items()))
+
+
+def folder_examples(cfg, folder: str, label: str, split: str):
+    """Every file below ``folder`` as one example labelled ``label``: (frame, what was skipped)."""
+    hidden_files = [0]
+    paths = list(walk_files(folder, hidden_files))
+    frame, skipped, _ = read_examples(cfg, [(label, p) for p in paths], split, folder)
+    return frame, {**({"hidden files": hidden_files[0]} if hidden_files[0] else {}), **skipped}
 
 
 def read_class_folder(cfg, folder: str, split: str, tally: Tally | None):
@@ -291,11 +317,8 @@ def read_class_folder(cfg, folder: str, split: str, tally: Tally | None):
     if not labelled:  # a folder of files without class folders: examples without labels (what predict reads)
         if cfg.classes is not None:
             raise DataError(f"data.classes: {folder} has no class folders (subfolders); it holds files only")
-        paths = list(walk_files(folder))
-        frame, more, _ = read_examples(cfg, [("", p) for p in paths], split, folder)
-        hidden_files = count_hidden(folder)
-        record(tally, Count(split, f"{folder} (files without class folders: no labels)", len(frame),
-                            {**({"hidden files": hidden_files} if hidden_files else {}), **more}))
+        frame, skipped = folder_examples(cfg, folder, "", split)
+        record(tally, Count(split, f"{folder} (files without class folders: no labels)", len(frame), skipped))
         label = columns(cfg)[1]
         if isinstance(frame, streaming.ArrowFrame):
             return streaming.ArrowFrame(frame.table.drop_columns([label]))
@@ -323,11 +346,8 @@ def read_mapping(cfg, mapping: Mapping, split: str, tally: Tally | None, read_fi
             if cfg.type.value != "single":
                 raise DataError(f"data.{split}.{label}={source} is a folder of files (one text per file): that is "
                                 f"data.type=single, not {cfg.type.value}")
-            paths = list(walk_files(source))
-            frame, skipped, _ = read_examples(cfg, [(str(label), p) for p in paths], split, source)
-            hidden_files = count_hidden(source)
-            record(tally, Count(split, source, len(frame), {**({"hidden files": hidden_files} if hidden_files else {}), **skipped},
-                                {str(label): len(frame)}))
+            frame, skipped = folder_examples(cfg, source, str(label), split)
+            record(tally, Count(split, source, len(frame), skipped, {str(label): len(frame)}))
         else:
             frame = read_file(cfg, source, split, tally)
             if tally:
