@@ -138,6 +138,42 @@ def sandbox_files(folder: Path) -> None:
     save_file({"embeddings": vectors["dev"]}, str(folder / "dev.safetensors"))
     write_csv(folder / "pairs.tsv", [(t, t[::-1]) for t, _ in make_sentences(10, 6)], header=("q", "a"))
     (folder / "pairs.tsv").write_text((folder / "pairs.tsv").read_text().replace(",", "\t"))
+    shipped_layouts(folder)
+
+
+def shipped_layouts(folder: Path) -> None:
+    """The corpora "Files as they come" names, in their shipped layouts: class folders (aclImdb with its unsup
+    folder and url lists, 20 Newsgroups with Latin-1 files without extension), one sentence per line in
+    Windows-1252 (rt-polaritydata), gzipped JSON lines, a save_to_disk DatasetDict and a lines file."""
+    import gzip
+
+    import datasets
+
+    for split, seed in (("train", 7), ("test", 8)):
+        for i, (text, label) in enumerate(make_sentences(40, seed)):
+            (folder / "aclImdb" / split / label).mkdir(parents=True, exist_ok=True)
+            (folder / "aclImdb" / split / label / f"{i}_7.txt").write_text(text + "<br /><br />")
+        (folder / "aclImdb" / split / "urls_pos.txt").write_text("http://www.imdb.com/title/tt0000001/usercomments\n")
+        (folder / "aclImdb" / split / "labeledBow.feat").write_text("0:9 1:1\n")
+        if split == "train":  # unlabelled reviews, left out by data.classes=[neg,pos]
+            (folder / "aclImdb" / "train" / "unsup").mkdir()
+            (folder / "aclImdb" / "train" / "unsup" / "0_0.txt").write_text("an unlabelled review")
+        groups = {"pos": "rec.autos", "neg": "sci.space"}
+        for i, (text, label) in enumerate(make_sentences(40, seed)):
+            (folder / f"20news-bydate-{split}" / groups[label]).mkdir(parents=True, exist_ok=True)
+            body = f"From: r\u00e9mi@example.org\nSubject: {text}\n\n{text} \u00e0 bient\u00f4t\n"
+            (folder / f"20news-bydate-{split}" / groups[label] / str(50000 + i)).write_bytes(body.encode("latin-1"))
+    (folder / "rt-polaritydata").mkdir()
+    for label in ("pos", "neg"):
+        lines = [f"{t} \u2014 it\u2019s a caf\u00e9 film" for t, lab in make_sentences(60, 9) if lab == label]
+        (folder / "rt-polaritydata" / f"rt-polarity.{label}").write_bytes(("\n".join(lines) + "\n").encode("cp1252"))
+    reviews = [json.dumps({"reviewText": t, "overall": 5 if lab == "pos" else 1}) for t, lab in make_sentences(60, 10)]
+    (folder / "reviews_train.jsonl.gz").write_bytes(gzip.compress(("\n".join(reviews) + "\n").encode()))
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    datasets.DatasetDict({split: datasets.Dataset.from_dict(
+        {"text": [t for t, _ in make_sentences(40, seed)], "label": [int(y == "pos") for _, y in make_sentences(40, seed)]},
+        features=features) for split, seed in (("train", 11), ("test", 12))}).save_to_disk(str(folder / "imdb"))
+    (folder / "reviews.txt").write_text("".join(f"{t}\n\n" for t, _ in make_sentences(10, 13)))
 
 
 # Hub datasets -> the same data from ../shared/data, for the preset (data=X or an experiment that picks X)
