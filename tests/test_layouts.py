@@ -247,15 +247,22 @@ def layouts(tmp_path: Path) -> dict[str, tuple[list[str], str, str]]:
     for split, seed in (("train", 0), ("test", 1)):
         body = "text,label\n" + "".join(f"{t},{y}\n" for t, y in make_sentences(48 if split == "train" else 12, seed))
         (tmp_path / f"{split}.csv.gz").write_bytes(gzip.compress(body.encode()))
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    datasets.DatasetDict({split: datasets.Dataset.from_dict(
+        {"text": [t for t, _ in make_sentences(n, seed)], "label": [int(y == "pos") for _, y in make_sentences(n, seed)]},
+        features=features) for split, n, seed in (("train", 48, 0), ("test", 12, 1))}).save_to_disk(str(tmp_path / "saved"))
     return {
         "class folders": ([f"data.train={root}"], str(root), str(root / "test" / "pos")),
+        "saved DatasetDict": ([f"data.train={tmp_path}/saved"], f"{tmp_path}/saved/test", f"{tmp_path}/saved/test"),
         "mapping of lines": ([f"data.train={mapping['train']}"], mapping["test"], f"{tmp_path}/test_pos.txt"),
         "gzipped csv": ([f"data.train={tmp_path}/train.csv.gz", f"data.test={tmp_path}/test.csv.gz"],
                         f"{tmp_path}/test.csv.gz", f"{tmp_path}/test.csv.gz"),
     }
 
 
-@pytest.mark.parametrize("layout", ["class folders", "mapping of lines", "gzipped csv"])
+@pytest.mark.parametrize("layout", ["class folders", "mapping of lines", "gzipped csv", "saved DatasetDict"])
 def test_k_fold_sweeps_predict_and_evaluate_on_each_layout(layout, tmp_path, tokenizer_dir, monkeypatch, capsys):
     from runner.evaluate import EvaluateConfig, evaluate
     from runner.predict import parse_args, predict
@@ -280,4 +287,4 @@ def test_k_fold_sweeps_predict_and_evaluate_on_each_layout(layout, tmp_path, tok
                                     EvaluateConfig))
     assert evaluated["rows"] == 12 and 0 <= evaluated["metrics"]["test/accuracy"] <= 1
     predicted = predict(parse_args([f"model_dir={model}", f"input={inputs}", "progress=false"]))
-    assert len(predicted) == (12 if layout == "gzipped csv" else 6)  # the test table; one class's files or lines
+    assert len(predicted) == (6 if layout in ("class folders", "mapping of lines") else 12)  # one class's files or lines
