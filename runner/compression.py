@@ -48,8 +48,11 @@ def compression(path: str) -> str | None:
 def zip_member(path: str, archive: zipfile.ZipFile | None = None) -> str:
     """The one file of a single-file zip archive (folders and macOS resource forks aside)."""
     if archive is None:
-        with zipfile.ZipFile(path) as archive:
-            return zip_member(path, archive)
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return zip_member(path, archive)
+        except zipfile.BadZipFile as err:
+            raise DataError(f"{path} is not a readable zip archive ({err})") from err
     names = [i.filename for i in archive.infolist()
              if not i.is_dir() and not i.filename.startswith("__MACOSX/") and not Path(i.filename).name.startswith(".")]
     if len(names) != 1:

@@ -97,8 +97,9 @@ def split_folders(path: str) -> dict[str, str]:
 def saved_splits(path: str) -> dict[str, str]:
     """split -> subfolder of a saved DatasetDict (its dataset_dict.json lists the splits)."""
     listed = read_small_json(os.path.join(path, "dataset_dict.json")).get("splits")
-    if not isinstance(listed, list) or not all(isinstance(s, str) for s in listed):
-        raise DataError(f"{path}/dataset_dict.json: 'splits' is not a list of names")
+    if not isinstance(listed, list) or not all(isinstance(s, str) and s and os.path.basename(s) == s and s not in (".", "..")
+                                               for s in listed):
+        raise DataError(f"{path}/dataset_dict.json: 'splits' must list the names of subfolders of the folder, got {listed!r}")
     found = {}
     for split, names in SPLIT_FOLDERS.items():
         for name in names:

@@ -224,7 +224,13 @@ def test_a_saved_dataset_dict_and_its_splits(saved, tmp_path):
 
 
 def test_a_saved_folder_cannot_point_outside_itself(saved):
-    """state.json is data from whoever shared the folder: only .arrow files inside the folder are read."""
+    """state.json and dataset_dict.json are data from whoever shared the folder: only .arrow files inside the
+    folder, and splits that are its subfolders, are read."""
+    listing = saved / "dataset_dict.json"
+    listing.write_text(json.dumps({"splits": ["train", "../../elsewhere"]}))
+    with pytest.raises(DataError, match="'splits' must list the names of subfolders of the folder"):
+        read(train=str(saved))
+    listing.write_text(json.dumps({"splits": ["train", "validation", "test"]}))
     state = saved / "train" / "state.json"
     for name in ("../../secret.arrow", "/etc/passwd", "data.pkl"):
         value = json.loads(state.read_text())
@@ -278,10 +284,18 @@ def test_k_fold_sweeps_predict_and_evaluate_on_each_layout(layout, tmp_path, tok
     assert "[job 0] objective cv/val/accuracy_mean" in out and "[job 1] objective cv/val/accuracy_mean" in out
     for job in ("0", "1"):
         assert len(json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["folds"]) == 2
-    code, out = run_cli([*base, f"output_dir={tmp_path / 'run'}"], capsys)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code, out = run_cli([*base, f"output_dir={tmp_path / 'run'}", "tracking.enabled=true", f"tracking.uri={uri}",
+                         "tracking.log_model=false"], capsys)
     assert code == 0, out
     sources = json.loads((tmp_path / "run" / "data_sources.json").read_text())
     assert sum(c["rows"] for c in sources if c["split"] == "train") == 48
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"]
+    logged = json.loads(Path(client.download_artifacts(run_id, "data_sources.json", str(tmp_path))).read_text())
+    assert logged == sources  # the counts per source, in the MLflow store
     model = tmp_path / "run" / "model"
     evaluated = evaluate(parse_args([f"model_dir={model}", f"data.test={test}", "progress=false", "tracking=false"],
                                     EvaluateConfig))
