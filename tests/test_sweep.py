@@ -198,6 +198,7 @@ def test_a_trial_killed_between_folds_resumes_and_can_still_be_pruned(sweep):
     assert len(optuna.load_study(study_name="test-head_lr", storage=storage).trials) == 3
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes on 2 cores (test_reuse, test_features cover sharing)
 def test_a_head_only_search_encodes_each_text_once_in_the_whole_sweep(sweep, toy_data):
     storage = f"sqlite:///{sweep.dir / 'optuna.db'}"
     sweep(*optuna_args(storage, 3), name="cached")  # head_lr: head lr, dropout and pooling (mean, cls, max)
