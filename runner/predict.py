@@ -124,10 +124,12 @@ def reading_config(folder: Path, meta: dict, input_path, overrides: dict):
     return OmegaConf.to_object(OmegaConf.merge(saved_options, overrides, {"train": input_path}))
 
 
-def read_inputs(folder: Path, meta: dict, cfg: PredictConfig) -> list[list[str]] | np.ndarray:
-    """The text columns of the input (one, or two for pair models), or its vectors (given-embedding models)."""
+def read_inputs(folder: Path, meta: dict, cfg: PredictConfig) -> tuple[list[list[str]] | np.ndarray, list | None]:
+    """The text columns of the input (one, or two for pair models), or its vectors (given-embedding models), and
+    the file of each row when the input is a folder of files (None otherwise)."""
     from runner.data import read_source, read_vectors, select, text_fields
     from runner.schema import DataType
+    from runner.sources import FILE_COLUMN
 
     pair = meta.get("data_type") == "pair"
     if cfg.text is not None:
@@ -139,7 +141,7 @@ def read_inputs(folder: Path, meta: dict, cfg: PredictConfig) -> list[list[str]]
             raise RunnerError("text_pair= is for pair models; this model takes one text per input")
         if meta.get("input") == "embeddings":
             raise RunnerError("this model takes vectors (given embeddings), not text: give input=FILE")
-        return [[cfg.text], [cfg.text_pair]] if pair else [[cfg.text]]
+        return ([[cfg.text], [cfg.text_pair]] if pair else [[cfg.text]]), None
     if cfg.input is None:
         raise RunnerError("give input=FILE (csv, tsv, jsonl, parquet) or text=...")
     data = reading_config(folder, meta, cfg.input, cfg.data)
@@ -150,10 +152,12 @@ def read_inputs(folder: Path, meta: dict, cfg: PredictConfig) -> list[list[str]]
         raw = [data.embedding_field] if data.embedding_field else []
         if not raw:
             raise RunnerError("this model takes vectors: set data.embedding_field to the input's vector column")
-        return read_vectors(data, select(data, frame, where, [], None, raw), "train")
+        return read_vectors(data, select(data, frame, where, [], None, raw), "train"), None
     fields = text_fields(data)
     selected = select(data, frame, where, fields, None, [])  # a frame, or texts left on disk (runner.streaming)
-    return [selected[f"text{i}"].tolist() for i in range(len(fields))]
+    files = frame[FILE_COLUMN] if FILE_COLUMN in frame.columns and FILE_COLUMN not in fields else None
+    files = None if files is None else (files.tolist() if hasattr(files, "tolist") else files.to_pylist())
+    return [selected[f"text{i}"].tolist() for i in range(len(fields))], files
 
 
 class Predictor:
@@ -277,10 +281,13 @@ def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
         raise RunnerError(f"top_k={cfg.top_k} must be at least 1")
     if cfg.output:
         check_writable(cfg.output, "file", "output")
-    inputs = read_inputs(folder, meta, cfg)
+    inputs, files = read_inputs(folder, meta, cfg)
     predictor = Predictor(folder, cfg.backend, cfg.precision)
     outputs = predictor.run(inputs, cfg.batch_size, cfg.progress and cfg.text is None, cfg.embeddings)
-    return predictor.records(outputs, cfg.top_k)
+    rows = predictor.records(outputs, cfg.top_k)
+    if files is not None:  # a folder of files: which file each prediction is for
+        rows = [{"file": f, **row} for f, row in zip(files, rows)]
+    return rows
 
 
 def write_jsonl(rows: list[dict], output: str | None) -> None:

@@ -31,6 +31,7 @@ from runner.errors import DataError
 
 log = logging.getLogger("runner")
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
+FILE_COLUMN = "file"  # the file each example of a folder came from (runner.predict writes it beside the prediction)
 BATCH = 4096  # files read per batch (a streamed folder writes each batch to disk)
 MAX_JSON = 1 << 20  # a saved dataset's state.json / dataset_info.json is small: a bigger one is not read
 
@@ -267,27 +268,29 @@ def read_examples(cfg, labelled: list[tuple[str, str]], split: str, where: str) 
     text_name, label_name = columns(cfg)
     skipped: dict[str, int] = {}
     per_label: dict[str, int] = {}
-    writer = streaming.BatchWriter([text_name, label_name]) if cfg.streaming else None
-    texts, labels, size = [], [], 0
+    names = [text_name, label_name, FILE_COLUMN]
+    writer = streaming.BatchWriter(names) if cfg.streaming else None
+    texts, labels, files, size = [], [], [], 0
     for start in range(0, len(labelled), BATCH):
         part = labelled[start:start + BATCH]
         for position, text in file_texts([p for _, p in part], cfg.encoding, skipped):
             texts.append(text)
             labels.append(part[position][0])
+            files.append(part[position][1])
             size += len(text)
         if writer is None and cfg.streaming is None and size > cfg.streaming_above_mb * 2**20:
-            writer = streaming.BatchWriter([text_name, label_name])
+            writer = streaming.BatchWriter(names)
             log.info("%s: texts above data.streaming_above_mb=%d: kept on disk (runner.streaming)", where,
                      cfg.streaming_above_mb)
         if writer is not None:
             per_label.update(count_labels(labels, per_label))
-            writer.write([texts, labels])
-            texts, labels = [], []
+            writer.write([texts, labels, files])
+            texts, labels, files = [], [], []
     per_label.update(count_labels(labels, per_label))
     if writer is not None:
         frame = streaming.ArrowFrame(writer.finish())
     else:
-        frame = pd.DataFrame({text_name: texts, label_name: labels})
+        frame = pd.DataFrame({text_name: texts, label_name: labels, FILE_COLUMN: files})
     if len(frame) == 0:
         raise DataError(f"data.{split}: {where} has no file with text (skipped: {skipped or 'nothing'})")
     return frame, skipped, per_label
@@ -320,10 +323,7 @@ def read_class_folder(cfg, folder: str, split: str, tally: Tally | None):
             raise DataError(f"data.classes: {folder} has no class folders (subfolders); it holds files only")
         frame, skipped = folder_examples(cfg, folder, "", split)
         record(tally, Count(split, f"{folder} (files without class folders: no labels)", len(frame), skipped))
-        label = columns(cfg)[1]
-        if isinstance(frame, streaming.ArrowFrame):
-            return streaming.ArrowFrame(frame.table.drop_columns([label]))
-        return frame.drop(columns=[label])
+        return without(frame, columns(cfg)[1])
     frame, more, per_label = read_examples(cfg, labelled, split, folder)
     record(tally, Count(split, folder, len(frame), {**skipped, **more}, per_label))
     return frame
@@ -375,7 +375,10 @@ def with_label(frame, name: str, label: str):
 
 
 def concat(frames: list):
-    """One frame of the sources in order: in memory, or an Arrow table when any of them stays on disk."""
+    """One frame of the sources in order: in memory, or an Arrow table when any of them stays on disk. The file
+    column of folders is kept only when every source has one."""
+    if not all(FILE_COLUMN in f.columns for f in frames):
+        frames = [without(f, FILE_COLUMN) for f in frames]
     if not any(isinstance(f, streaming.ArrowFrame) for f in frames):
         return pd.concat(frames, ignore_index=True)
     import pyarrow as pa
@@ -386,6 +389,14 @@ def concat(frames: list):
     if any(t.column_names != names for t in tables):
         raise DataError(f"the sources of one split have different columns: {[t.column_names for t in tables]}")
     return streaming.ArrowFrame(pa.concat_tables([t.cast(tables[0].schema) for t in tables]))
+
+
+def without(frame, column: str):
+    if column not in frame.columns:
+        return frame
+    if isinstance(frame, streaming.ArrowFrame):
+        return streaming.ArrowFrame(frame.table.drop_columns([column]))
+    return frame.drop(columns=[column])
 
 
 def record(tally: Tally | None, count: Count) -> None:
