@@ -352,6 +352,9 @@ def resolve_column(cfg: DataConfig, frame: pd.DataFrame, spec, key: str, where: 
     if not cfg.header and not cfg.columns:
         raise DataError(f"{where}: data.header=false and the columns have no names: name them "
                         f"(data.columns=[label,text]) or refer to them by 0-based position (data.{key}=1)")
+    if key == "label_field" and sources.FILE_COLUMN in columns and os.path.isdir(where):
+        raise DataError(f"{where}: a folder of files without class folders carries no labels: put the files in one "
+                        f"subfolder per class, or give labels by source (data.train={{pos: pos_folder, neg: neg_folder}})")
     one_line = len(columns) == 1 and any(c in str(columns[0]) for c in ",;\t|")
     hint = ("the whole line is one column: set data.delimiter (comma, semicolon, tab, pipe or the character)"
             if one_line else "the file has a single column: a labelled file needs a text and a label column (one example "
@@ -434,6 +437,8 @@ def check_text(path: str, head: bytes, encoding: str) -> None:
     """A binary file is named as such (an encoding cannot fix it): NUL bytes or a known binary signature at the
     start (of the decompressed bytes). UTF-16/32 text, which has NUL bytes, is fine when data.encoding says so."""
     kind = next((what for magic, what in BINARY_MAGIC.items() if head.startswith(magic)), None)
+    if kind is None and head[257:262] == b"ustar":
+        kind = "a tar archive (extract it, e.g. tar xf, and give the file or folder inside)"
     if kind is None and b"\0" in head and not encoding.lower().replace("_", "-").startswith(("utf-16", "utf-32")):
         kind = "binary (it holds NUL bytes), not text"
     if kind:

@@ -57,26 +57,30 @@ def first_undecodable(stream, encoding: str) -> tuple[int, int, bytes] | None:
         newlines += chunk.count(b"\n")
 
 
-def western(sample: bytes) -> float | None:
-    """The share of ASCII among the letters of ``sample`` read as cp1252 when that looks like Western European
-    text (at least half the letters ASCII, no unassigned byte); None otherwise. Cyrillic or Greek bytes read as
-    cp1252 give words of accented letters only ("Ïðèâåò"): a share near 0."""
-    try:
-        text = sample.decode("cp1252")
-    except UnicodeDecodeError:  # 0x81, 0x8D, 0x8F, 0x90, 0x9D are unassigned in cp1252
-        return None
-    letters = [c for c in text if c.isalpha()]
-    if not letters:
-        return None
-    share = sum(c.isascii() for c in letters) / len(letters)
-    return share if share >= 0.5 else None
+def western(sample: bytes) -> tuple[str, float] | None:
+    """(cp1252 or latin-1, the share of ASCII among the letters) when ``sample`` reads as Western European text:
+    at least half its letters ASCII. cp1252 first (curly quotes, dashes, the euro sign); latin-1 when a byte
+    is unassigned in cp1252 (0x81, 0x8D, 0x8F, 0x90, 0x9D: Latin-1 files with stray control bytes, as in old
+    Usenet posts). None otherwise: Cyrillic or Greek bytes read this way give words of accented letters only
+    ("Ïðèâåò"), a share near 0."""
+    for encoding in ("cp1252", "latin-1"):
+        try:
+            text = sample.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        letters = [c for c in text if c.isalpha()]
+        if not letters:
+            return None
+        share = sum(c.isascii() for c in letters) / len(letters)
+        return (encoding, share) if share >= 0.5 else None
+    return None
 
 
 def guess(sample: bytes) -> tuple[str, float]:
     """(encoding, confidence in 0..1) of bytes that are not UTF-8."""
-    share = western(sample)
-    if share is not None:
-        return "cp1252", round(share, 3)
+    found = western(sample)
+    if found is not None:
+        return found[0], round(found[1], 3)
     import charset_normalizer
 
     best = charset_normalizer.from_bytes(sample).best()

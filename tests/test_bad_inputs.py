@@ -201,7 +201,7 @@ CASES = [
     ("tokenizer larger than the embeddings", small_vocabulary_model, "tokens but the encoder", 1),
     ("pickle-only model folder", pickle_only_model, "the model weights are pickle files (pytorch_model.bin), which can "
      "run code when loaded; the runner reads safetensors only", 1),
-    ("a folder without class folders as data.train", lambda t: [f"data.train={loose_folder(t)}"], "loose: no column 'label' (data.label_field); the file has columns ['text']", 1),
+    ("a folder without class folders as data.train", lambda t: [f"data.train={loose_folder(t)}"], "loose: a folder of files without class folders carries no labels: put the files in one subfolder per class", 1),
     ("missing distillation teacher", ["distill.teacher=./no/such/teacher"], "distill.teacher=./no/such/teacher: no such "
      "folder", 1),
     ("misspelled key without +", ["train.learning_rate=1e-3"], "unknown key train.learning_rate (did you mean train.lr?)", 1),

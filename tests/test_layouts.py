@@ -141,6 +141,31 @@ def test_legacy_encodings_with_auto(tmp_path, encoding, caplog):
         read(train=train)
 
 
+def test_latin1_with_bytes_cp1252_lacks_and_a_tar_archive(tmp_path):
+    """Old Usenet posts are Latin-1 with stray control bytes (0x81 is unassigned in cp1252): auto reads them as
+    Latin-1. A .tar.gz is an archive, not a table: one error that says to extract it."""
+    import io
+    import tarfile
+
+    for label, body in (("sci.space", b"Subject: caf\xe9 \x81\nnai\xefve r\xe9sum\xe9 of the launch\n"),
+                        ("rec.autos", b"Subject: engines\nplain text\n")):
+        (tmp_path / "news" / label).mkdir(parents=True)
+        (tmp_path / "news" / label / "49960").write_bytes(body)
+        (tmp_path / "news" / label / "49961").write_bytes(body.replace(b"Subject", b"Re"))
+    ds = read(train=str(tmp_path / "news"), encoding="auto", validation_split=0.5)
+    texts = set(ds.train.texts) | set(ds.validation.texts)
+    assert "Subject: caf\u00e9 \x81\nnai\u00efve r\u00e9sum\u00e9 of the launch" in texts
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        data = b"text,label\na,b\n"
+        info = tarfile.TarInfo("train.csv")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    (tmp_path / "data.tar.gz").write_bytes(buffer.getvalue())
+    with pytest.raises(DataError, match=r"data.tar.gz looks like a tar archive \(extract it"):
+        read(train=str(tmp_path / "data.tar.gz"))
+
+
 def test_the_undecodable_byte_is_named_by_offset_and_line_in_a_large_file(tmp_path):
     """The byte lies past the first read chunks and after CRLF lines: its offset and line are exact."""
     body = "text,label\r\n" + "".join(f"row {i},pos\r\n" for i in range(300_000))
