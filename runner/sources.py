@@ -129,12 +129,12 @@ def split_sources(cfg) -> dict[str, object]:
             if isinstance(given.get(split), str) and not os.path.exists(given[split]):
                 log.info("data.%s=%s is a hub split but data.train is a local file: not using it", split, given.pop(split))
     if cfg.hub and os.path.isdir(cfg.hub):
-        found = splits_of(cfg.hub) or {}
-        unknown = [v for v in given.values() if isinstance(v, str) and not os.path.exists(v) and v not in
-                   {os.path.basename(p) for p in found.values()}]
+        names = {os.path.basename(p) for p in (splits_of(cfg.hub) or {}).values()}
+        unknown = [v for v in given.values() if isinstance(v, str) and v not in names and not os.path.exists(v)]
         if unknown:
-            raise DataError(f"data.hub={cfg.hub}: no split {unknown[0]!r}; it holds {sorted(os.path.basename(p) for p in found.values())}")
-        return {s: v if isinstance(v, str) and os.path.exists(v) else os.path.join(cfg.hub, v) for s, v in given.items()}
+            raise DataError(f"data.hub={cfg.hub}: no split {unknown[0]!r}; it holds {sorted(names)}")
+        # a split name of the folder first (a folder named "train" in the working directory does not win)
+        return {s: os.path.join(cfg.hub, v) if isinstance(v, str) and v in names else v for s, v in given.items()}
     inner = splits_of(given.get("train"))
     if not inner:
         return given
