@@ -355,6 +355,9 @@ def resolve_column(cfg: DataConfig, frame: pd.DataFrame, spec, key: str, where: 
     if key == "label_field" and sources.FILE_COLUMN in columns and os.path.isdir(where):
         raise DataError(f"{where}: a folder of files without class folders carries no labels: put the files in one "
                         f"subfolder per class, or give labels by source (data.train={{pos: pos_folder, neg: neg_folder}})")
+    if key == "label_field" and sources.LINE_COLUMN in columns and len(columns) == 2:
+        raise DataError(f"{where}: no column {spec!r}: one example per line carries no label; give labels by source, "
+                        f"data.train={{pos: pos.txt, neg: neg.txt}}")
     one_line = len(columns) == 1 and any(c in str(columns[0]) for c in ",;\t|")
     hint = ("the whole line is one column: set data.delimiter (comma, semicolon, tab, pipe or the character)"
             if one_line else "the file has a single column: a labelled file needs a text and a label column (one example "
@@ -526,12 +529,15 @@ def read_lines(path: str, opener, encoding: str, cfg: DataConfig, split: str, ta
     data.streaming_above_mb (or with data.streaming=true) the lines stay on disk (runner.streaming)."""
     import codecs
 
+    import pyarrow as pa
+
     text_name, _ = sources.columns(cfg)
     if cfg.type != DataType.single:
         raise DataError(f"{path} has one example per line (one text): that is data.type=single, not {cfg.type.value}")
     decoder = codecs.getincrementaldecoder(encoding)()
-    writer = streaming.BatchWriter([text_name]) if streaming.should_stream(cfg, path) else None
-    kept, blank, carry = [], 0, ""
+    names = [text_name, sources.LINE_COLUMN]
+    writer = streaming.BatchWriter(names, {sources.LINE_COLUMN: pa.int64()}) if streaming.should_stream(cfg, path) else None
+    kept, numbers, blank, carry, number = [], [], 0, "", 0
     try:
         with opener() as f:
             while True:
@@ -539,20 +545,23 @@ def read_lines(path: str, opener, encoding: str, cfg: DataConfig, split: str, ta
                 lines = (carry + decoder.decode(chunk, final=not chunk)).split("\n")
                 carry = lines.pop() if chunk else ""
                 for line in lines:
+                    number += 1
                     line = line.removesuffix("\r")
                     if line.strip():
                         kept.append(line)
+                        numbers.append(number)
                     else:
                         blank += 1
                 if writer is not None:
-                    writer.write([kept])
-                    kept = []
+                    writer.write([kept, numbers])
+                    kept, numbers = [], []
                 if not chunk:
                     break
     except UnicodeDecodeError as err:
         raise text_encoding.not_decodable(path, encoding.removesuffix("-sig"), opener) from err
     blank -= 1 if not lines or lines[-1] == "" else 0  # the line end of the last line opens no line of its own
-    frame = streaming.ArrowFrame(writer.finish()) if writer is not None else pd.DataFrame({text_name: kept})
+    frame = (streaming.ArrowFrame(writer.finish()) if writer is not None
+             else pd.DataFrame({text_name: kept, sources.LINE_COLUMN: numbers}))
     if len(frame) == 0:
         raise DataError(f"data.{split}: {path} has no line with text")
     sources.record(tally, sources.Count(split, f"{path} (one example per line)", len(frame),

@@ -124,12 +124,13 @@ def reading_config(folder: Path, meta: dict, input_path, overrides: dict):
     return OmegaConf.to_object(OmegaConf.merge(saved_options, overrides, {"train": input_path}))
 
 
-def read_inputs(folder: Path, meta: dict, cfg: PredictConfig) -> tuple[list[list[str]] | np.ndarray, list | None]:
+def read_inputs(folder: Path, meta: dict, cfg: PredictConfig) -> tuple[list[list[str]] | np.ndarray, dict | None]:
     """The text columns of the input (one, or two for pair models), or its vectors (given-embedding models), and
-    the file of each row when the input is a folder of files (None otherwise)."""
+    where each row came from ({"file": [...]} for a folder of files, {"line": [...]} for a lines file; None
+    otherwise)."""
     from runner.data import read_source, read_vectors, select, text_fields
     from runner.schema import DataType
-    from runner.sources import FILE_COLUMN
+    from runner.sources import ORIGIN_COLUMNS
 
     pair = meta.get("data_type") == "pair"
     if cfg.text is not None:
@@ -155,9 +156,9 @@ def read_inputs(folder: Path, meta: dict, cfg: PredictConfig) -> tuple[list[list
         return read_vectors(data, select(data, frame, where, [], None, raw), "train"), None
     fields = text_fields(data)
     selected = select(data, frame, where, fields, None, [])  # a frame, or texts left on disk (runner.streaming)
-    files = frame[FILE_COLUMN] if FILE_COLUMN in frame.columns and FILE_COLUMN not in fields else None
-    files = None if files is None else (files.tolist() if hasattr(files, "tolist") else files.to_pylist())
-    return [selected[f"text{i}"].tolist() for i in range(len(fields))], files
+    origins = {c: frame[c] for c in ORIGIN_COLUMNS if c in frame.columns and c not in fields}
+    origins = {c: v.tolist() if hasattr(v, "tolist") else v.to_pylist() for c, v in origins.items()}
+    return [selected[f"text{i}"].tolist() for i in range(len(fields))], origins or None
 
 
 class Predictor:
@@ -281,12 +282,12 @@ def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
         raise RunnerError(f"top_k={cfg.top_k} must be at least 1")
     if cfg.output:
         check_writable(cfg.output, "file", "output")
-    inputs, files = read_inputs(folder, meta, cfg)
+    inputs, origins = read_inputs(folder, meta, cfg)
     predictor = Predictor(folder, cfg.backend, cfg.precision)
     outputs = predictor.run(inputs, cfg.batch_size, cfg.progress and cfg.text is None, cfg.embeddings)
     rows = predictor.records(outputs, cfg.top_k)
-    if files is not None:  # a folder of files: which file each prediction is for
-        rows = [{"file": f, **row} for f, row in zip(files, rows)]
+    for column, values in (origins or {}).items():  # which file (folder) or line (lines file) a row is for
+        rows = [{column: value, **row} for value, row in zip(values, rows)]
     return rows
 
 

@@ -32,6 +32,8 @@ from runner.errors import DataError
 log = logging.getLogger("runner")
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 FILE_COLUMN = "file"  # the file each example of a folder came from (runner.predict writes it beside the prediction)
+LINE_COLUMN = "line"  # the 1-based line of each example of a lines file (blank lines are skipped)
+ORIGIN_COLUMNS = (FILE_COLUMN, LINE_COLUMN)
 BATCH = 4096  # files read per batch (a streamed folder writes each batch to disk)
 MAX_JSON = 1 << 20  # a saved dataset's state.json / dataset_info.json is small: a bigger one is not read
 
@@ -377,8 +379,9 @@ def with_label(frame, name: str, label: str):
 def concat(frames: list):
     """One frame of the sources in order: in memory, or an Arrow table when any of them stays on disk. The file
     column of folders is kept only when every source has one."""
-    if not all(FILE_COLUMN in f.columns for f in frames):
-        frames = [without(f, FILE_COLUMN) for f in frames]
+    for column in ORIGIN_COLUMNS:
+        if not all(column in f.columns for f in frames):
+            frames = [without(f, column) for f in frames]
     if not any(isinstance(f, streaming.ArrowFrame) for f in frames):
         return pd.concat(frames, ignore_index=True)
     import pyarrow as pa

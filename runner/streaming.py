@@ -296,11 +296,11 @@ class ColumnView:
 
 
 class BatchWriter:
-    """String columns written batch by batch to an Arrow file in the cache, then memory-mapped: texts read
-    from many sources (files of a folder, lines) that stay on disk. The file is unlinked once mapped (the
-    mapping keeps it until the process ends), so nothing is left behind."""
+    """Columns (strings, or the types given) written batch by batch to an Arrow file in the cache, then
+    memory-mapped: texts read from many sources (files of a folder, lines) that stay on disk. The file is
+    unlinked once mapped (the mapping keeps it until the process ends), so nothing is left behind."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], types: dict | None = None) -> None:
         import tempfile
 
         import pyarrow as pa
@@ -309,14 +309,15 @@ class BatchWriter:
         folder.mkdir(parents=True, exist_ok=True)
         handle, self.path = tempfile.mkstemp(suffix=".arrow", dir=folder)
         os.close(handle)
-        self.schema = pa.schema([(n, pa.string()) for n in names])
+        self.schema = pa.schema([(n, (types or {}).get(n, pa.string())) for n in names])
         self.writer = pa.ipc.new_file(self.path, self.schema)
 
     def write(self, columns: list[list[str]]) -> None:
         import pyarrow as pa
 
         if columns and len(columns[0]):
-            self.writer.write_batch(pa.record_batch([pa.array(c, pa.string()) for c in columns], schema=self.schema))
+            self.writer.write_batch(pa.record_batch([pa.array(c, f.type) for c, f in zip(columns, self.schema)],
+                                                    schema=self.schema))
 
     def finish(self):
         self.writer.close()

@@ -327,6 +327,9 @@ def test_k_fold_sweeps_predict_and_evaluate_on_each_layout(layout, tmp_path, tok
     assert evaluated["rows"] == 12 and 0 <= evaluated["metrics"]["test/accuracy"] <= 1
     predicted = predict(parse_args([f"model_dir={model}", f"input={inputs}", "progress=false"]))
     assert len(predicted) == (6 if layout in ("class folders", "mapping of lines") else 12)  # one class's files or lines
+    if layout == "mapping of lines":  # a lines file: each prediction names its line
+        lines = Path(inputs).read_text().splitlines()
+        assert [lines[r["line"] - 1] for r in predicted] == [line for line in lines if line.strip()]
     if layout == "class folders":  # a folder of files: each prediction names its file
         assert [Path(r["file"]).name for r in predicted] == sorted(p.name for p in Path(inputs).iterdir()
                                                                   if p.name.endswith(".txt") and p.stat().st_size > 0
