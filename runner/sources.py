@@ -151,8 +151,12 @@ def split_sources(cfg) -> dict[str, object]:
 
 # ---- files as examples (class folders, a folder given a label) ----------------------------------------------
 
+SYSTEM_FILES = {"__MACOSX", "Thumbs.db", "desktop.ini", "ehthumbs.db"}  # what file managers leave in folders
+
+
 def hidden(name: str) -> bool:
-    return name.startswith(".") or name.startswith("~$") or name == "__MACOSX"
+    """Dot files and folders, Office lock files (~$...) and the files file managers leave: not examples."""
+    return name.startswith((".", "~$")) or name in SYSTEM_FILES
 
 
 def walk_files(folder: str, hidden_files: list[int] | None = None) -> Iterator[str]:

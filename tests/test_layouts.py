@@ -28,6 +28,7 @@ def class_folders(root: Path, splits: dict[str, list[tuple[str, str]]]) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{i:04d}.txt").write_text(text + "\n")
         (root / split / "pos" / ".DS_Store").write_bytes(b"\0\0binary")
+        (root / split / "neg" / "Thumbs.db").write_bytes(b"\0\0binary")
         (root / split / "pos" / "empty.txt").write_text("")
         (root / split / "neg" / "blank.txt").write_text("  \n\n")
         (root / split / "urls_pos.txt").write_text("http://example.com\n")  # beside the class folders
@@ -55,7 +56,7 @@ def test_a_folder_per_class_with_split_folders(tmp_path):
     assert len(ds.validation) == 10 and len(ds.test) == 12  # dev/ is the validation split
     counts = {c["split"]: c for c in ds.sources}
     assert counts["train"]["rows"] == 40 and counts["train"]["classes"] == {"neg": 20, "pos": 20}
-    assert counts["train"]["skipped"] == {"files beside the class folders": 1, "hidden files": 1, "empty files": 1,
+    assert counts["train"]["skipped"] == {"files beside the class folders": 1, "hidden files": 2, "empty files": 1,
                                           "blank files": 1}
 
 
