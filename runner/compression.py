@@ -94,9 +94,11 @@ def decompress_bytes(data: bytes) -> bytes:
     return data
 
 
-def decompressed_copy(path: str, cache: Path) -> str:
-    """A plain copy of a compressed file in ``cache`` (streamed readers map a plain file), made once per
-    file version (name, size and modification time)."""
+def plain_file(path: str, cache: Path) -> str:
+    """A file as readers that map or parse a path need it: a plain file itself; a compressed one's plain copy in
+    ``cache``, made once per file version (name, size and modification time)."""
+    if compression(path) is None:
+        return path
     stat = os.stat(path)
     import hashlib
 

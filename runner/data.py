@@ -304,7 +304,8 @@ def select_arrow(cfg: DataConfig, frame: streaming.ArrowFrame, where: str, field
     """What runner.data.select gives for a mapped table: lazy texts, checked column-wise."""
     if raw:
         raise DataError("given embeddings (data.embedding_field) are read in memory: set data.streaming=false")
-    names = pd.DataFrame(columns=frame.columns)  # resolve_column needs only the names
+    names = pd.DataFrame(columns=frame.columns)  # resolve_column needs only the names (and what the reader said)
+    names.attrs.update(frame.attrs)
     texts = []
     for spec in fields:
         specs = list(spec) if isinstance(spec, (list, tuple, ListConfig)) else [spec]
@@ -352,12 +353,8 @@ def resolve_column(cfg: DataConfig, frame: pd.DataFrame, spec, key: str, where: 
     if not cfg.header and not cfg.columns:
         raise DataError(f"{where}: data.header=false and the columns have no names: name them "
                         f"(data.columns=[label,text]) or refer to them by 0-based position (data.{key}=1)")
-    if key == "label_field" and sources.FILE_COLUMN in columns and os.path.isdir(where):
-        raise DataError(f"{where}: a folder of files without class folders carries no labels: put the files in one "
-                        f"subfolder per class, or give labels by source (data.train={{pos: pos_folder, neg: neg_folder}})")
-    if key == "label_field" and sources.LINE_COLUMN in columns and len(columns) == 2:
-        raise DataError(f"{where}: no column {spec!r}: one example per line carries no label; give labels by source, "
-                        f"data.train={{pos: pos.txt, neg: neg.txt}}")
+    if key == "label_field" and frame.attrs.get(sources.UNLABELLED):  # a layout without labels says how to add them
+        raise DataError(f"{where}: {frame.attrs[sources.UNLABELLED]}")
     one_line = len(columns) == 1 and any(c in str(columns[0]) for c in ",;\t|")
     hint = ("the whole line is one column: set data.delimiter (comma, semicolon, tab, pipe or the character)"
             if one_line else "the file has a single column: a labelled file needs a text and a label column (one example "
@@ -465,8 +462,7 @@ def read_table(path: str, cfg: DataConfig, split: str, tally: sources.Tally | No
     if cfg.bad_lines not in ("error", "skip", "truncate"):
         raise DataError(f"data.bad_lines={cfg.bad_lines!r} is not one of error, skip, truncate")
     if fmt == "arrow":
-        plain = compression.decompressed_copy(path, Path(streaming.cfg_cache_dir())) if compression.compression(path) else path
-        return sources.read_arrow(cfg, [plain], {}, path, split, tally)
+        return sources.read_arrow(cfg, [compression.plain_file(path, Path(streaming.cfg_cache_dir()))], {}, path, split, tally)
 
     def opener():
         return compression.open_binary(path)
@@ -477,16 +473,11 @@ def read_table(path: str, cfg: DataConfig, split: str, tally: sources.Tally | No
         check_text(path, head, cfg.encoding)
     given = text_encoding.detect(path, opener) if cfg.encoding == text_encoding.AUTO and fmt != "parquet" else cfg.encoding
     encoding = text_encoding.reading_codec(given)
-    sep = None
-    if fmt == "delimited":
-        sep = delimiter(cfg, fmt, path, opener, encoding)
-        fmt = "lines" if sep is None else fmt
-    if fmt == "lines":
+    sep = delimiter(cfg, fmt, path, opener, encoding) if fmt in ("csv", "tsv", "delimited") else None
+    if fmt == "lines" or (fmt == "delimited" and sep is None):
         return read_lines(path, opener, encoding, cfg, split, tally)
     if streaming.should_stream(cfg, path):
-        if fmt in ("csv", "tsv"):
-            sep = delimiter(cfg, fmt, path, opener, encoding)
-        plain = compression.decompressed_copy(path, Path(streaming.cfg_cache_dir())) if compression.compression(path) else path
+        plain = compression.plain_file(path, Path(streaming.cfg_cache_dir()))
         frame = streaming.ArrowFrame(streaming.arrow_table(plain, cfg, fmt, sep, encoding, QUOTING[cfg.quoting]))
         sources.record(tally, sources.Count(split, path, len(frame)))
         return frame
@@ -497,7 +488,6 @@ def read_table(path: str, cfg: DataConfig, split: str, tally: sources.Tally | No
         elif fmt == "jsonl":
             frame = read_jsonl(path, opener, encoding)
         else:
-            sep = sep or delimiter(cfg, fmt, path, opener, encoding)
             frame, bad = read_delimited(opener, path, cfg, sep, encoding)
     except UnicodeDecodeError as err:
         raise text_encoding.not_decodable(path, given, opener) from err
@@ -531,7 +521,7 @@ def read_lines(path: str, opener, encoding: str, cfg: DataConfig, split: str, ta
 
     import pyarrow as pa
 
-    text_name, _ = sources.columns(cfg)
+    text_name, label_name = sources.columns(cfg)
     if cfg.type != DataType.single:
         raise DataError(f"{path} has one example per line (one text): that is data.type=single, not {cfg.type.value}")
     decoder = codecs.getincrementaldecoder(encoding)()
@@ -562,6 +552,8 @@ def read_lines(path: str, opener, encoding: str, cfg: DataConfig, split: str, ta
     blank -= 1 if not lines or lines[-1] == "" else 0  # the line end of the last line opens no line of its own
     frame = (streaming.ArrowFrame(writer.finish()) if writer is not None
              else pd.DataFrame({text_name: kept, sources.LINE_COLUMN: numbers}))
+    frame.attrs[sources.UNLABELLED] = (f"no column {label_name!r}: one example per line carries no label; give labels "
+                                       f"by source, data.train={{pos: pos.txt, neg: neg.txt}}")
     if len(frame) == 0:
         raise DataError(f"data.{split}: {path} has no line with text")
     sources.record(tally, sources.Count(split, f"{path} (one example per line)", len(frame),
@@ -641,10 +633,9 @@ def delimiter(cfg: DataConfig, fmt: str, path: str, opener, encoding: str) -> st
 def table_delimiter(sample: str, cfg: DataConfig) -> str | None:
     """The delimiter that splits the sample's first lines (up to 50) into the same number (2 or more) of fields,
     or whose split of the first line names the configured text or label column; None: not a table."""
-    lines = [line for line in sample.split("\n")[:-1] if line.strip()][:50] or [sample]
+    lines = [line.removesuffix("\r") for line in sample.split("\n")[:-1] if line.strip()][:50] or [sample]
     wanted = {str(f) for f in (cfg.text_field, cfg.label_field) if isinstance(f, str)}
     consistent = []
-    lines = [line.removesuffix("\r") for line in lines]
     for sep in ("\t", ",", ";", "|"):
         try:
             widths = {len(row) for row in csv.reader(lines, delimiter=sep, quoting=QUOTING[cfg.quoting])}

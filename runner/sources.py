@@ -34,6 +34,7 @@ SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "valid", "dev
 FILE_COLUMN = "file"  # the file each example of a folder came from (runner.predict writes it beside the prediction)
 LINE_COLUMN = "line"  # the 1-based line of each example of a lines file (blank lines are skipped)
 ORIGIN_COLUMNS = (FILE_COLUMN, LINE_COLUMN)
+UNLABELLED = "unlabelled"  # frame.attrs key: why a layout's rows carry no label and how to give them one
 BATCH = 4096  # files read per batch (a streamed folder writes each batch to disk)
 MAX_JSON = 1 << 20  # a saved dataset's state.json / dataset_info.json is small: a bigger one is not read
 
@@ -329,7 +330,11 @@ def read_class_folder(cfg, folder: str, split: str, tally: Tally | None):
             raise DataError(f"data.classes: {folder} has no class folders (subfolders); it holds files only")
         frame, skipped = folder_examples(cfg, folder, "", split)
         record(tally, Count(split, f"{folder} (files without class folders: no labels)", len(frame), skipped))
-        return without(frame, columns(cfg)[1])
+        frame = without(frame, columns(cfg)[1])
+        frame.attrs[UNLABELLED] = ("a folder of files without class folders carries no labels: put the files in one "
+                                   "subfolder per class, or give labels by source (data.train={pos: pos_folder, neg: "
+                                   "neg_folder})")
+        return frame
     frame, more, per_label = read_examples(cfg, labelled, split, folder)
     record(tally, Count(split, folder, len(frame), {**skipped, **more}, per_label))
     return frame

@@ -251,6 +251,7 @@ class ArrowFrame:
     def __init__(self, table) -> None:
         self.table = table
         self.columns = list(table.column_names)
+        self.attrs: dict = {}  # as pandas' DataFrame.attrs: what the reader says about the frame (runner.sources)
 
     def __getitem__(self, name):
         return self.table.column(name)

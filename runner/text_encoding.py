@@ -129,7 +129,13 @@ def not_decodable(name: str, encoding: str, open_stream) -> DataError:
     offset, line, raw = bad
     with open_stream() as stream:
         stream.read(max(0, offset - 32768))
-        likely, _ = guess(stream.read(65536))
+        nearby = stream.read(65536)
+    return undecodable(name, encoding, offset, line, raw, nearby)
+
+
+def undecodable(name: str, encoding: str, offset: int, line: int, raw: bytes, nearby: bytes) -> DataError:
+    """Where a file stops decoding, and the encoding its bytes there look like."""
+    likely, _ = guess(nearby)
     return DataError(f"{name}: byte {offset:,} (line {line}) is not valid {encoding} ({raw!r}); it looks like "
                      f"{likely}: set data.encoding={likely} (or data.encoding=auto to detect it)")
 
@@ -139,8 +145,5 @@ def decode(data: bytes, encoding: str, name: str) -> str:
     try:
         return data.decode(reading_codec(encoding))
     except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        likely, _ = guess(data[max(0, err.start - 32768): err.start + 32768])
-        raise DataError(f"{name}: byte {err.start:,} (line {line}) is not valid {encoding} "
-                        f"({data[err.start:err.end]!r}); it looks like {likely}: set data.encoding={likely} (or "
-                        f"data.encoding=auto to detect it)") from err
+        raise undecodable(name, encoding, err.start, data[:err.start].count(b"\n") + 1, data[err.start:err.end],
+                          data[max(0, err.start - 32768): err.start + 32768]) from err
