@@ -66,7 +66,16 @@ def save_trained(run: Run, model: TextModel | VectorModel, tokenizer, label_name
     task = task_settings(run)
     if getattr(run.mode, "merge", False):  # mode.merge=true: a plain encoder folder (the run is over: merge in place)
         model.encoder = merged_encoder(model.encoder)
-    if isinstance(model, VectorModel):
+    if getattr(run.task, "images", False):
+        from runner import dual
+        from runner.experiment import image_processor
+
+        meta = {"format_version": FORMAT_VERSION, **task, "labels": label_names, "prompt": cfg.task.prompt,
+                "max_length": cfg.model.max_length, "text_prefix": cfg.model.text_prefix,
+                "text_padding": cfg.model.text_padding}
+        saved = dual.save(folder, model, tokenizer, image_processor(run), meta)
+        (saved / "config.yaml").write_text(run.config_yaml)
+    elif isinstance(model, VectorModel):
         saved = save_vector_model(folder, model, label_names, run.config_yaml, task)
     else:
         saved = save_model(folder, model, tokenizer, label_names, base_reference(cfg.model, folder),
@@ -85,7 +94,8 @@ def write_card(folder: Path, run: Run, metrics: dict[str, float]) -> None:
 
     source = data.hub or describe(data.train) or data.train_embeddings
     kind = {"Classify": "classifier", "MultiLabel": "multi-label classifier", "Regress": "regressor",
-            "PairSimilarity": "bi-encoder (embeddings compared by similarity)", "Retrieve": "embedding model"}
+            "PairSimilarity": "bi-encoder (embeddings compared by similarity)", "Retrieve": "embedding model",
+            "ImageText": "image-text dual encoder", "ZeroShot": "image-text dual encoder (zero-shot classes)"}
     rows = "\n".join(f"| `{k}` | {v:.4f} |" for k, v in sorted(metrics.items()) if not k.startswith("train/"))
     ecosystems = ["```bash", f"python -m runner.predict model_dir={folder} input=FILE output=FILE.jsonl",
                   f"python -m runner.evaluate model_dir={folder} data.test=FILE", "```", "",
@@ -277,6 +287,12 @@ def load_model(folder: str | Path) -> tuple[TextModel | VectorModel, object, dic
 
 def build_saved(folder: Path, meta: dict) -> tuple[TextModel | VectorModel, object, dict]:
     from transformers import AutoModel, AutoTokenizer
+
+    if meta.get("kind") == "dual":  # a dual encoder: its image processor is model.image_processor
+        from runner import dual
+
+        model, tokenizer = dual.load_saved(folder, meta)
+        return model, tokenizer, meta
 
     head_file = folder / "head.safetensors"
     trust.check_safetensors(head_file)

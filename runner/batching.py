@@ -165,11 +165,11 @@ class Collator:
     column), ``labels`` (absent for triplets), ``index`` (dataset positions), ``text_ids`` (columns, batch).
     """
 
-    def __init__(self, data: Encoded, pad_id: int, padding_side: str = "right"):
-        self.data, self.pad_id, self.left = data, pad_id, padding_side == "left"
+    def __init__(self, data: Encoded, pad_id: int, padding_side: str = "right", width: int | None = None):
+        self.data, self.pad_id, self.left, self.width = data, pad_id, padding_side == "left", width
 
     def pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
-        width = max(len(r) for r in rows)
+        width = self.width or max(len(r) for r in rows)  # width: every batch as long (SigLIP pools the last position)
         out = torch.full((len(rows), width), value, dtype=torch.long)
         for i, r in enumerate(rows):
             if self.left:
@@ -191,6 +191,53 @@ class Collator:
             "index": torch.as_tensor(index),
             "text_ids": self.data.text_ids[:, index],
         }
+        if self.data.labels is not None:
+            batch["labels"] = self.data.labels[index]
+        return batch
+
+
+class ImageSplit(torch.utils.data.Dataset):
+    """Image paths and their captions (tokenized once, like :class:`Encoded`); the images are decoded and
+    preprocessed by the collator, in the loader workers (``hardware.num_workers``), a batch at a time.
+
+    Batch layout: ``features`` = [``{"pixel_values"}``, caption token ids], ``text_ids`` = (image ids, caption
+    ids): equal for the same file and for equal captions (in-batch repeats are not negatives), ``labels`` (class
+    ids of data.type=image), ``index``.
+    """
+
+    def __init__(self, processor, tokenizer, paths: list[str], captions: list[str], labels, max_length: int,
+                 prefix: str = "", padding: str = "longest", where: str = "") -> None:
+        self.processor, self.paths, self.where = processor, list(paths), where
+        self.text = Encoded(tokenizer, [captions], None, max_length, prefix)
+        self.labels = None if labels is None else torch.as_tensor(labels)
+        _, image_ids = np.unique(np.asarray(self.paths), return_inverse=True)
+        self.text_ids = torch.stack([torch.as_tensor(image_ids, dtype=torch.long).reshape(-1), self.text.text_ids[0]])
+        self.lengths = self.text.lengths  # captions of similar length batch together: the images are all one size
+        self.width = max_length if padding == "max_length" else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def collator(self, tokenizer) -> ImageCollator:
+        return ImageCollator(self, Collator(self.text, tokenizer.pad_token_id, tokenizer.padding_side, self.width))
+
+
+class ImageCollator:
+    """Pixels of a batch's images (runner.images.pixel_values) and its padded captions."""
+
+    def __init__(self, data: ImageSplit, captions: Collator) -> None:
+        self.data, self.captions = data, captions
+
+    def __call__(self, index: list[int]) -> dict:
+        from runner.images import pixel_values
+
+        pixels = pixel_values(self.data.processor, [self.data.paths[i] for i in index], [i + 1 for i in index],
+                              self.data.where)
+        batch = {"features": [{"pixel_values": pixels}, self.captions.features(0, index)],
+                 "index": torch.as_tensor(index), "text_ids": self.data.text_ids[:, index]}
         if self.data.labels is not None:
             batch["labels"] = self.data.labels[index]
         return batch

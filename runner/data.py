@@ -35,7 +35,9 @@ READERS = ("csv", "tsv", "jsonl", "parquet", "arrow", "lines", "delimited")
 DELIMITERS = {"comma": ",", "semicolon": ";", "tab": "\t", "pipe": "|", "space": " ", "\\t": "\t"}
 SPLITS = ("train", "validation", "test")
 log = logging.getLogger("runner")
-FIELD_KEYS = {DataType.single: "text_field", DataType.pair: "text_fields", DataType.triplet: "anchor_field/positive_field/negative_field"}
+FIELD_KEYS = {DataType.single: "text_field", DataType.pair: "text_fields", DataType.triplet: "anchor_field/positive_field/negative_field",
+              DataType.image_text: "image_field/text_field", DataType.image: "image_field"}
+IMAGE_TYPES = (DataType.image_text, DataType.image)  # the first column holds image paths (runner/images.py)
 QUOTING = {"minimal": csv.QUOTE_MINIMAL, "all": csv.QUOTE_ALL, "nonnumeric": csv.QUOTE_NONNUMERIC, "none": csv.QUOTE_NONE}
 
 
@@ -85,6 +87,8 @@ def text_fields(cfg: DataConfig) -> list[str]:
         DataType.single: [cfg.text_field],
         DataType.pair: list(cfg.text_fields),
         DataType.triplet: [f for f in (cfg.anchor_field, cfg.positive_field, cfg.negative_field) if f],
+        DataType.image_text: [cfg.image_field, cfg.text_field],
+        DataType.image: [cfg.image_field],
     }
     return by_type[cfg.type]
 
@@ -192,7 +196,30 @@ def read_splits(cfg: DataConfig, fields: list, label, raw: list, need_validation
         out[split] = select(cfg, frame, where, fields, label, raw)
         if tally and len(out[split]) < len(frame):  # data.missing_labels=drop
             tally[-1].skipped["rows without a label (data.missing_labels=drop)"] = len(frame) - len(out[split])
+        if cfg.type in IMAGE_TYPES:
+            out[split] = image_rows(cfg, out[split], located[split], where, tally)
     return out
+
+
+def image_rows(cfg: DataConfig, frame: pd.DataFrame, source, where: str, tally: sources.Tally | None) -> pd.DataFrame:
+    """A split's image column as absolute paths (relative ones start at the data file's folder), every image
+    checked: a bad one is an error naming file, row and column, or a skipped row counted (data.bad_images=skip)."""
+    from runner import images
+
+    if isinstance(frame, streaming.ArrowSelected):
+        raise DataError(f"{where}: image data is read in memory (paths are small): set data.streaming=false")
+    if not isinstance(source, str) or not os.path.isfile(source):
+        raise DataError(f"{where}: images are read from a table file (csv, tsv, jsonl, parquet) whose column "
+                        f"{cfg.image_field!r} holds image paths; this split is {sources.describe(source)}")
+    base = os.path.dirname(os.path.abspath(source))
+    paths, keep, skipped = images.checked_paths(frame["text0"].tolist(), base, where, cfg.image_field, cfg.bad_images,
+                                                lambda row: row_number(row, where))
+    frame = frame.assign(text0=paths)[keep].reset_index(drop=True)
+    if tally:
+        tally[-1].skipped.update(skipped)
+    if frame.empty:
+        raise DataError(f"{where}: no row has a readable image (data.bad_images=skip skipped them all)")
+    return frame
 
 
 def split_by_column(cfg: DataConfig, fields: list, label, raw: list, need_validation: bool) -> dict[str, pd.DataFrame]:
@@ -256,7 +283,7 @@ def select(cfg: DataConfig, frame: pd.DataFrame, where: str, fields: list, label
     if not frame.index.equals(pd.RangeIndex(len(frame))):  # positions and labels agree below
         frame = frame.reset_index(drop=True)
     out = {}
-    keys = FIELD_KEYS[cfg.type].split("/") if cfg.type == DataType.triplet else [FIELD_KEYS[cfg.type]] * len(fields)
+    keys = FIELD_KEYS[cfg.type].split("/") if "/" in FIELD_KEYS[cfg.type] else [FIELD_KEYS[cfg.type]] * len(fields)
     for i, (spec, key) in enumerate(zip(fields, keys)):
         specs = list(spec) if isinstance(spec, (list, tuple, ListConfig)) else [spec]
         if not specs:

@@ -49,7 +49,8 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
     (a frozen encoder's output per text) batches carry those vectors instead of token ids.
     """
     cfg, train_cfg, task = run.cfg, run.cfg.train, run.task
-    encoded = {name: dataset_of(run, split, tokenizer, frozen)
+    task.prepare(tokenizer, data.label_names, cfg.model)  # e.g. the class prompts of zero-shot evaluation
+    encoded = {name: dataset_of(run, split, tokenizer, frozen, data.label_names)
                for name, split in (("train", data.train), ("val", data.validation), ("test", data.test)) if split}
     eval_bs = train_cfg.eval_batch_size or 2 * train_cfg.batch_size
     grouped = train_cfg.group_by_length if train_cfg.group_by_length is not None else task.loss_family == "logits"
@@ -153,10 +154,15 @@ def check_finite(metrics: dict[str, float], model: torch.nn.Module, step: int) -
                                    f"and is not saved; lower train.lr or use precision=fp32")
 
 
-def dataset_of(run: Run, split, tokenizer, frozen: FrozenFeatures | None):
+def dataset_of(run: Run, split, tokenizer, frozen: FrozenFeatures | None, label_names: list = ()):
     """Token ids of a split's texts, or rows of the frozen features (head_only)."""
     task, joint = run.task, run.task.joint and len(split.columns) == 2
     targets = task.scale_targets(split.labels)
+    if task.images:  # paths and captions (data.type=image: each class's prompt is the caption)
+        captions = split.columns[1] if len(split.columns) > 1 else [task.prompts(label_names)[i] for i in split.labels]
+        model = run.cfg.model
+        return batching.ImageSplit(image_processor(run), tokenizer, split.columns[0], captions, targets,
+                                   model.max_length, model.text_prefix, model.text_padding)
     if split.vectors is not None:
         return batching.FrozenSplit(torch.from_numpy(split.vectors), torch.arange(len(split))[None], targets)
     if frozen is not None:
@@ -168,6 +174,24 @@ def dataset_of(run: Run, split, tokenizer, frozen: FrozenFeatures | None):
         return batching.FrozenSplit(frozen.vectors, rows, targets)
     return batching.Encoded(tokenizer, split.columns, targets, run.cfg.model.max_length, run.cfg.model.text_prefix,
                             joint=joint)
+
+
+def image_processor(run: Run):
+    """The dual encoder's image processor (its folder's, or model.image_processor's), read once per process."""
+    from runner import reuse
+    from runner.images import load_processor
+
+    cfg = run.cfg.model
+    return reuse.shared("image-processor", [cfg.name_or_path, cfg.image_processor, cfg.vision_init],
+                        lambda: load_processor(cfg.name_or_path, image_settings(cfg)), cfg.name_or_path)
+
+
+def image_settings(cfg) -> dict | None:
+    """model.image_processor, also for LiT (whose text folder has no image processor)."""
+    if cfg.image_processor or not (cfg.vision_init or cfg.random_init):
+        return cfg.image_processor
+    raise RunnerError("a dual encoder built from a config needs model.image_processor (type and sizes: see "
+                      "conf/model/lit.yaml)")
 
 
 def uses_frozen_features(run: Run, data: Dataset) -> bool:
@@ -234,6 +258,12 @@ def make_loss(run: Run, model: TextModel, data: Dataset):
 
 def build_model(run: Run, vocab_size: int, num_outputs: int | None, frozen_encoder=None) -> TextModel:
     """Encoder (loaded, or the job's frozen one), mode applied, pooling and head."""
+    if run.task.images:
+        from runner import dual
+
+        model = dual.build(run.cfg.model, run.mode, vocab_size)
+        log.info("model: %s", dual.describe(model))
+        return model
     if frozen_encoder is not None:
         encoder = frozen_encoder
     else:

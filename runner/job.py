@@ -80,9 +80,8 @@ def execute(run: Run) -> float:
         # the trials of a search in one process load and check these once (runner/reuse.py)
         source = cfg.model.tokenizer or cfg.model.name_or_path
         tokenizer = reuse.shared("tokenizer", cfg.model, lambda: load_tokenizer(cfg.model), source)
-        reuse.shared("checked-model", [cfg.model, cfg.mode, len(tokenizer), run.make_pooling().layers],
-                     lambda: check_model(cfg.model, len(tokenizer), run.mode, run.make_pooling().layers) or True,
-                     cfg.model.name_or_path)
+        reuse.shared("checked-model", [cfg.model, cfg.mode, len(tokenizer), run.make_pooling().layers, run.task.images],
+                     lambda: check_any_model(run, len(tokenizer)) or True, cfg.model.name_or_path)
     check_teacher(cfg.distill.teacher)
     if cfg.tracking.enabled and accelerator.is_main_process:
         check_backends(cfg.tracking.backends)
@@ -106,6 +105,27 @@ def execute(run: Run) -> float:
             tracker.log_artifact(out / "runner.log")
     finish(accelerator)  # a finished or pruned job's processes end together
     return objective
+
+
+def check_any_model(run: Run, vocab_size: int) -> None:
+    """A text encoder for text data, a dual encoder for images (runner/dual.py), each checked as far as it can
+    be before the run opens."""
+    from runner import dual
+
+    cfg = run.cfg
+    if dual.is_dual(cfg.model) != run.task.images:
+        raise RunnerError(f"data.type={cfg.data.type.value} needs a dual encoder (model=clip, model=siglip, model=lit)"
+                          if run.task.images else f"model {cfg.model.name_or_path or cfg.model.random_init.get('model_type')} "
+                          f"is a dual image-text encoder: use it with data.type=image_text or data.type=image")
+    if run.task.images:
+        dual.check_mode(run.mode)
+        if cfg.distill.teacher:
+            raise RunnerError("distillation into a dual encoder is not offered: drop distill.teacher")
+        from runner.experiment import image_processor
+
+        image_processor(run)  # a folder without processor settings is an input error, found before MLflow opens
+        return
+    check_model(cfg.model, vocab_size, run.mode, run.make_pooling().layers)
 
 
 def check_teacher(teacher: str | None) -> None:

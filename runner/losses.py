@@ -9,7 +9,9 @@ the model gives them:
   :class:`CosineMSE`, :class:`Contrastive`;
 - **triplet embeddings** (anchor, positive, optional hard negative): :class:`MultipleNegativesRanking`
   (InfoNCE with in-batch negatives), :class:`CachedMultipleNegativesRanking` (the same with GradCache),
-  :class:`Triplet`.
+  :class:`Triplet`;
+- **image and caption embeddings** (a dual encoder, runner/dual.py): :class:`ImageTextContrastive` (CLIP's
+  softmax or SigLIP's sigmoid, with the model's learnable temperature), :class:`CachedImageTextContrastive`.
 
 Each family's ``compute`` takes plain tensors, so the formulas are tested by hand on tiny batches.
 """
@@ -25,8 +27,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from runner.distributed import gather_ids, gather_rows
+from runner.errors import RunnerError
 
-FAMILIES = ("logits", "pair", "triplet")
+FAMILIES = ("logits", "pair", "triplet", "image_text")
 
 
 class Loss(nn.Module):
@@ -240,27 +243,25 @@ class MultipleNegativesRanking(TripletLoss):
         return F.cross_entropy(scores.masked_fill(duplicate, float("-inf")), target)
 
 
-class CachedMultipleNegativesRanking(MultipleNegativesRanking):
-    """MNRL with GradCache (Gao et al. 2021): the same loss and gradients as MNRL on the whole batch,
-    with activation memory bounded by ``mini_batch_size``.
+class GradCache:
+    """GradCache (Gao et al. 2021) for any loss on embedding columns: the same loss and gradients as on the whole
+    batch, with activation memory bounded by ``mini_batch_size``.
 
     1. embed every column in mini-batches without building a graph (RNG state kept per mini-batch);
-    2. compute the loss on those embeddings and its gradient with respect to them (cheap);
-    3. when the loop calls ``backward``, a hook re-embeds each mini-batch with a graph, under the same
-       RNG state (same dropout), and back-propagates the cached embedding gradients through it.
-    Example: ``python -m runner data=snli_triplets loss=cached_mnrl train.batch_size=128 loss.mini_batch_size=16``
+    2. compute the loss on those embeddings and its gradient with respect to them (and to ``extra`` parameters the
+       loss itself uses: a learnable temperature);
+    3. when the loop calls ``backward``, a hook re-embeds each mini-batch with a graph, under the same RNG state
+       (same dropout), and back-propagates the cached embedding gradients through it.
     """
 
-    def __init__(self, scale: float = 20.0, similarity: str = "cosine", mini_batch_size: int = 32,
-                 gather_across_ranks: bool = True) -> None:
-        super().__init__(scale, similarity, gather_across_ranks)
-        self.mini_batch_size = mini_batch_size
+    mini_batch_size: int
 
     def chunks(self, features: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        n = features["input_ids"].size(0)
+        n = next(iter(features.values())).size(0)  # token ids or pixels: every input has one row per example
         return [{k: v[i : i + self.mini_batch_size] for k, v in features.items()} for i in range(0, n, self.mini_batch_size)]
 
-    def forward(self, model, batch) -> torch.Tensor:
+    def cached(self, model, batch, loss_of, extra: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """``loss_of(columns)`` on the whole batch, computed as above; ``extra``: parameters it reads directly."""
         pieces = [self.chunks(f) for f in batch["features"]]
         states, columns = [], []
         with torch.no_grad():
@@ -271,12 +272,19 @@ class CachedMultipleNegativesRanking(MultipleNegativesRanking):
                     outs.append(model(piece).float())
                 columns.append(torch.cat(outs).requires_grad_())
         with torch.enable_grad():
-            loss = self.compute(columns, batch["text_ids"])
-            embedding_grads = torch.autograd.grad(loss, columns)
+            loss = loss_of(columns)
+            grads = torch.autograd.grad(loss, [*columns, *extra])
         # gathered, each process's rows already carry the gradient summed over the N processes' losses
         # (see MultipleNegativesRanking.compute), which DDP's average over N turns back into the job's gradient
         out = loss.detach().requires_grad_()
-        out.register_hook(lambda grad: self.backward_through_model(model, pieces, states, embedding_grads, grad))
+        embedding_grads, extra_grads = grads[: len(columns)], grads[len(columns):]
+
+        def backward(grad_output):
+            for param, grad in zip(extra, extra_grads):
+                param.grad = grad * grad_output if param.grad is None else param.grad + grad * grad_output
+            self.backward_through_model(model, pieces, states, embedding_grads, grad_output)
+
+        out.register_hook(backward)
         return out
 
     def backward_through_model(self, model, pieces, states, embedding_grads, grad_output) -> None:
@@ -291,6 +299,20 @@ class CachedMultipleNegativesRanking(MultipleNegativesRanking):
                     end = start + emb.size(0)
                     emb.backward(grads[start:end] * grad_output)
                 start, k = end, k + 1
+
+
+class CachedMultipleNegativesRanking(GradCache, MultipleNegativesRanking):
+    """MNRL with GradCache (:class:`GradCache`): large batches at the memory of ``mini_batch_size``.
+    Example: ``python -m runner data=snli_triplets loss=cached_mnrl train.batch_size=128 loss.mini_batch_size=16``
+    """
+
+    def __init__(self, scale: float = 20.0, similarity: str = "cosine", mini_batch_size: int = 32,
+                 gather_across_ranks: bool = True) -> None:
+        super().__init__(scale, similarity, gather_across_ranks)
+        self.mini_batch_size = mini_batch_size
+
+    def forward(self, model, batch) -> torch.Tensor:
+        return self.cached(model, batch, lambda columns: self.compute(columns, batch["text_ids"]))
 
 
 class RandomState:
@@ -332,3 +354,76 @@ class Triplet(TripletLoss):
 
     def compute(self, anchor, positive, negative):
         return F.relu(self.dist(anchor, positive) - self.dist(anchor, negative) + self.margin).mean()
+
+
+class ImageTextContrastive(Loss):
+    """Images against captions with in-batch negatives, the temperature (and SigLIP's bias) learned with the model.
+
+    ``softmax`` (CLIP): the mean of the two cross-entropies, image -> its caption among the batch's captions and
+    caption -> its image, on ``exp(t) * cos``. ``sigmoid`` (SigLIP): every image-caption pair of the batch is a
+    binary decision, ``-sum(log sigmoid(z_ij * (exp(t) * cos_ij + b))) / n`` with z = 1 for a match, -1 else.
+    Repeats are not negatives: a caption equal to image i's caption (ten digit captions in a batch of 32) and
+    the same image file count as matches (sigmoid) or are masked out (softmax), as MNRL masks duplicate texts.
+    With N processes, negatives come from the whole job batch (gathered, as :class:`MultipleNegativesRanking`).
+    Example: ``python -m runner model=clip data=csv data.type=image_text data.train=pairs.csv loss=clip``
+    """
+
+    family = "image_text"
+    MAX_SCALE = 100.0  # CLIP clips the learned temperature's scale at 100: beyond it training turns unstable
+
+    def __init__(self, kind: str = "auto", gather_across_ranks: bool = True) -> None:
+        super().__init__()
+        if kind not in ("auto", "softmax", "sigmoid"):
+            raise ValueError(f"loss.kind={kind!r}: use auto, softmax (CLIP) or sigmoid (SigLIP)")
+        self.kind, self.gather = kind, gather_across_ranks
+
+    def forward(self, model, batch) -> torch.Tensor:
+        scale, bias = temperature(model)
+        images, texts = [model(f).float() for f in batch["features"]]
+        return self.compute(images, texts, batch["text_ids"], scale, bias)
+
+    def resolved(self, bias: torch.Tensor | None) -> str:
+        if self.kind == "auto":
+            return "sigmoid" if bias is not None else "softmax"
+        if self.kind == "sigmoid" and bias is None:
+            raise RunnerError("loss=siglip needs a model with a learnable logit bias (SigLIP): use loss=clip for this "
+                              "model")
+        return self.kind
+
+    def compute(self, images: torch.Tensor, texts: torch.Tensor, text_ids: torch.Tensor, log_scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        kind = self.resolved(bias)
+        if self.gather:
+            images, texts, text_ids = gather_rows(images), gather_rows(texts), gather_ids(text_ids)
+        logits = F.normalize(images, dim=-1) @ F.normalize(texts, dim=-1).T * log_scale.float().exp().clamp(max=self.MAX_SCALE)
+        ids = text_ids.to(logits.device)
+        match = (ids[1][:, None] == ids[1][None, :]) | (ids[0][:, None] == ids[0][None, :])  # incl. the diagonal
+        if kind == "sigmoid":
+            signs = match.float() * 2 - 1
+            return -F.logsigmoid(signs * (logits + bias.float())).sum() / logits.size(0)
+        target = torch.arange(logits.size(0), device=logits.device)
+        repeat = match.clone()
+        repeat[target, target] = False
+        logits = logits.masked_fill(repeat, float("-inf"))
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+class CachedImageTextContrastive(GradCache, ImageTextContrastive):
+    """:class:`ImageTextContrastive` with GradCache through both towers: batches of ``train.batch_size`` at the
+    activation memory of ``loss.mini_batch_size`` images and captions.
+    Example: ``python -m runner model=lit ... loss=cached_clip train.batch_size=256 loss.mini_batch_size=32``"""
+
+    def __init__(self, kind: str = "auto", gather_across_ranks: bool = True, mini_batch_size: int = 32) -> None:
+        super().__init__(kind, gather_across_ranks)
+        self.mini_batch_size = mini_batch_size
+
+    def forward(self, model, batch) -> torch.Tensor:
+        scale, bias = temperature(model)
+        extra = [p for p in (scale, bias) if p is not None and p.requires_grad]
+        return self.cached(model, batch, lambda c: self.compute(c[0], c[1], batch["text_ids"], scale, bias), extra)
+
+
+def temperature(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A dual encoder's learnable log-scale and logit bias (None without one), through any DDP wrapper."""
+    inner = getattr(model, "module", model)
+    return inner.logit_scale, inner.logit_bias

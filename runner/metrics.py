@@ -131,3 +131,34 @@ def retrieval_metrics(columns: list[np.ndarray], text_ids: np.ndarray, similarit
         ndcg.append(dcg / ideal)
     values.update({"mrr_at_10": np.mean(mrr), "recall_at_1": np.mean(r1), "recall_at_10": np.mean(r10), "ndcg_at_10": np.mean(ndcg)})
     return {f"{prefix}/{k}": float(v) for k, v in values.items()}
+
+
+def image_text_metrics(images: np.ndarray, texts: np.ndarray, text_ids: np.ndarray, prefix: str) -> dict[str, float]:
+    """Image -> text and text -> image retrieval over a split's distinct images and distinct captions.
+
+    ``text_ids``: (2, n) ids of each row's image and caption (equal for the same file / the same text). An image's
+    relevant captions are every caption it is paired with anywhere in the split, and the other way round (ten
+    digit captions: each image has one relevant caption, each caption hundreds of relevant images). The rank of
+    a query is 1 + the candidates scoring strictly above its best relevant one. Metrics: ``i2t_recall_at_k``
+    and ``t2i_recall_at_k`` (k = 1, 5, 10: a relevant candidate in the top k), ``i2t_mrr``/``t2i_mrr`` and
+    ``mean_recall`` (the mean of the six recalls)."""
+    ids = np.asarray(text_ids)
+    image_ids, image_rows = np.unique(ids[0], return_index=True)
+    caption_ids, caption_rows = np.unique(ids[1], return_index=True)
+    relevant = np.zeros((len(image_ids), len(caption_ids)), dtype=bool)
+    relevant[np.searchsorted(image_ids, ids[0]), np.searchsorted(caption_ids, ids[1])] = True
+    a = F.normalize(torch.from_numpy(images[image_rows]).float(), dim=-1)
+    b = F.normalize(torch.from_numpy(texts[caption_rows]).float(), dim=-1)
+    values = {}
+    for name, queries, candidates, rel in (("i2t", a, b, relevant), ("t2i", b, a, relevant.T)):
+        ranks = []
+        for start in range(0, len(queries), 1024):  # 1,024 query rows at a time: bounded memory on large splits
+            sims = (queries[start : start + 1024] @ candidates.T).numpy()
+            mask = rel[start : start + 1024]
+            best = np.where(mask, sims, -np.inf).max(axis=1)
+            ranks.append((sims > best[:, None]).sum(axis=1) + 1)
+        rank = np.concatenate(ranks)
+        values.update({f"{name}_recall_at_{k}": float((rank <= k).mean()) for k in (1, 5, 10)})
+        values[f"{name}_mrr"] = float((1.0 / rank).mean())
+    values["mean_recall"] = float(np.mean([v for k, v in values.items() if "_recall_at_" in k]))
+    return {f"{prefix}/{k}": v for k, v in values.items()}

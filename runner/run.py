@@ -164,6 +164,12 @@ def build_run(cfg: DictConfig, choices: dict[str, str]) -> Run:
     if problems:
         raise RunnerError("; ".join(problems))
     task = make_task(typed.data.type, typed.task)
+    if task.default_objective and objective.metric == "val/accuracy" and "accuracy" not in task.metric_names:
+        # the schema's default names a classifier's metric: this task reports another (logged with the run)
+        log.info("objective: %s (this task reports no accuracy; set objective.metric to choose another)",
+                 task.default_objective)
+        objective.metric = task.default_objective
+        cfg.objective.metric = task.default_objective  # config.yaml says what ran
     loss_cfg = cfg.loss if cfg.loss is not None else OmegaConf.create(task.default_loss)
     try:
         make_loss = instantiate(loss_cfg, _partial_=True, _execution_whitelist_=TARGETS)

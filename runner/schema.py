@@ -38,6 +38,8 @@ class DataType(str, Enum):
     single = "single"
     pair = "pair"
     triplet = "triplet"
+    image_text = "image_text"  # an image and its caption: a dual encoder (runner/dual.py)
+    image = "image"  # an image and its class: zero-shot prompts of the class names (task.prompt)
 
 
 class Architecture(str, Enum):
@@ -99,6 +101,15 @@ class ModelConfig:
     # Build a randomly initialised model from this transformers config instead of loading weights
     # (model=tiny): keys are AutoConfig.for_model(**random_init) arguments, model_type included.
     random_init: dict[str, Any] | None = None
+    # Dual encoders (CLIP, SigLIP, LiT; runner/dual.py). vision_init: a vision tower built from this transformers
+    # config beside the text encoder of name_or_path (LiT); locked: towers kept as loaded whatever the mode
+    # (text, vision); image_processor: the processor's settings where the model folder has none (random models)
+    vision_init: dict[str, Any] | None = None
+    locked: list[str] = field(default_factory=list)
+    image_processor: dict[str, Any] | None = None
+    projection_dim: int | None = None  # LiT: the size of the shared embedding space (null: the text encoder's)
+    # longest: pad a batch to its longest text; max_length: to model.max_length (SigLIP pools the last position)
+    text_padding: str = "longest"
 
 
 @dataclass
@@ -209,11 +220,27 @@ class TripletLossConfig:
     distance: Distance = Distance.cosine
 
 
+@dataclass
+class ImageTextLossConfig:
+    _target_: str = "runner.losses.ImageTextContrastive"
+    # softmax: CLIP's symmetric InfoNCE; sigmoid: SigLIP's pairwise loss; auto: sigmoid for a model with a logit
+    # bias (SigLIP), softmax otherwise. The temperature (and bias) are the model's own learnable parameters.
+    kind: str = "auto"
+    gather_across_ranks: bool = True
+
+
+@dataclass
+class CachedImageTextLossConfig(ImageTextLossConfig):
+    _target_: str = "runner.losses.CachedImageTextContrastive"
+    mini_batch_size: int = 32
+
+
 LOSS_SCHEMAS = {
     "ce": CrossEntropyLossConfig, "focal": FocalLossConfig, "bce": BinaryCrossEntropyLossConfig,
     "mse": MeanSquaredErrorLossConfig, "cosent": CoSENTLossConfig, "cosine_mse": CosineMSELossConfig,
     "contrastive": ContrastiveLossConfig, "mnrl": MNRLossConfig, "cached_mnrl": CachedMNRLossConfig,
-    "triplet": TripletLossConfig,
+    "triplet": TripletLossConfig, "clip": ImageTextLossConfig, "siglip": ImageTextLossConfig,
+    "cached_clip": CachedImageTextLossConfig,
 }
 
 
@@ -232,6 +259,9 @@ class DataConfig:
     validation: Any = None
     test: Any = None
     classes: list[str] | None = None  # the class folders to read (others skipped and counted); null: all
+    # data.type=image_text / image: the column of image paths (relative to the data file's folder)
+    image_field: Any = "image"
+    bad_images: str = "error"  # a missing, empty or unreadable image: error (naming file, row, column) or skip (counted)
     # A text field is a column name, a 0-based position (data.text_field=1) or a list of either, whose
     # texts are joined by data.text_join (data.text_field=[title,description])
     text_field: Any = "text"  # single
@@ -292,6 +322,8 @@ class TaskConfig:
     # the class whose F1/precision/recall are reported as f1/precision/recall for two classes
     # (its original label or its data.label_names name); null: the second in sorted order (1 of 0/1)
     positive_label: Any = None
+    # data.type=image: each class name in this template is the text its images are matched to (zero-shot)
+    prompt: str = "a photo of a {}"
 
 
 @dataclass
@@ -475,6 +507,11 @@ def check_values(cfg: RunConfig) -> list[str]:
         ("tracking.log_model", cfg.tracking.log_model, cfg.tracking.log_model in (True, False, "auto"), "auto, true or false"),
         ("tracking.pictures", cfg.tracking.pictures, cfg.tracking.pictures in ("auto", "all", "none"), "auto, all or none"),
         ("data.missing_labels", d.missing_labels, d.missing_labels in ("error", "drop"), "error or drop"),
+        ("data.bad_images", d.bad_images, d.bad_images in ("error", "skip"), "error or skip"),
+        ("model.text_padding", cfg.model.text_padding, cfg.model.text_padding in ("longest", "max_length"),
+         "longest or max_length"),
+        ("model.locked", list(cfg.model.locked), set(cfg.model.locked) <= {"text", "vision"}, "a list of text, vision"),
+        ("task.prompt", task.prompt, task.prompt.count("{}") == 1, 'a text with one {} for the class name, e.g. "a photo of a {}"'),
         ("data.text_field", d.text_field, isinstance(d.text_field, (str, int)) or (
             isinstance(d.text_field, (list, tuple)) and len(d.text_field) > 0), "a column name, a 0-based position or a list of them"),
     ]

@@ -10,6 +10,8 @@ single / pair      cross           score       Regress       pearson, spearman, 
 pair               cross           class       Classify      as single
 pair               bi              score/0-1   PairSimilar   pearson, spearman (of the similarity)
 triplet            -               -           Retrieve      triplet_accuracy, mrr_at_10, recall_at_1/10, ndcg_at_10
+image_text         dual encoder    -           ImageText     i2t/t2i recall_at_1/5/10, mrr, mean_recall
+image              dual encoder    class       ZeroShot      accuracy, f1 ... (class prompts, task.prompt)
 =================  ==============  ==========  ============  ======================================
 """
 
@@ -33,7 +35,14 @@ class Task:
     has_head = True
     loss_family = "logits"
     default_loss = None  # a conf/loss-style node, used when loss=null
+    default_objective = None  # the objective when objective.metric is the default and not a metric of this task
     metric_names = ()
+    images = False  # the first column holds images (a dual encoder, runner/dual.py)
+
+    @property
+    def output_columns(self) -> int | None:
+        """How many input columns evaluation runs the model on: the first (a head on it), or all (None)."""
+        return 1 if self.has_head else None
 
     def num_outputs(self, label_names: list) -> int | None:
         return len(label_names)
@@ -41,6 +50,9 @@ class Task:
     def metrics_for(self, label_names: list) -> tuple[str, ...]:
         """The metric names this task reports for these labels (without the ``split/`` prefix)."""
         return self.metric_names
+
+    def prepare(self, tokenizer, label_names: list, model_cfg) -> None:
+        """Anything evaluation needs besides the split itself, computed once per model (zero-shot class prompts)."""
 
     def check_labels(self, label_names: list) -> None:
         """Raise if a task setting does not fit the data's labels (before any model loads)."""
@@ -56,7 +68,7 @@ class Task:
         columns, labels, index, has_labels = None, [], [], False
         for batch in loader:
             has_labels = "labels" in batch  # triplets have none: their positives are the targets
-            outs = [model(f).float().cpu() for f in (batch["features"][:1] if self.has_head else batch["features"])]
+            outs = [model(f).float().cpu() for f in batch["features"][: self.output_columns]]
             columns = [[] for _ in outs] if columns is None else columns
             for store, out in zip(columns, outs):
                 store.append(out)
@@ -189,6 +201,71 @@ class Retrieve(EmbeddingTask):
         return retrieval_metrics(columns, text_ids, self.cfg.similarity.value, split), None
 
 
+class ImageText(EmbeddingTask):
+    """Images and captions (a dual encoder): retrieval of each image's caption among the split's distinct
+    captions and back (runner.metrics.image_text_metrics)."""
+
+    target = "none"
+    loss_family = "image_text"
+    images = True
+    default_loss = {"_target_": "runner.losses.ImageTextContrastive", "kind": "auto", "gather_across_ranks": True}
+    default_objective = "val/mean_recall"
+    metric_names = ("i2t_recall_at_1", "i2t_recall_at_5", "i2t_recall_at_10", "i2t_mrr", "t2i_recall_at_1",
+                    "t2i_recall_at_5", "t2i_recall_at_10", "t2i_mrr", "mean_recall")
+
+    def score(self, columns, labels, split, label_names, text_ids=None, report=True):
+        from runner.metrics import image_text_metrics
+
+        return image_text_metrics(columns[0], columns[1], text_ids, split), None
+
+
+class ZeroShot(ImageText):
+    """Images and their classes: trained as images against their class prompts (``task.prompt``, "a photo of a
+    {}" with the class name), scored by picking, for each image, the most similar of every class's prompt."""
+
+    target = "class"
+    default_objective = None  # accuracy, the default objective, is a metric of this task
+    metric_names = Classify.metric_names
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        super().__init__(cfg)
+        self.class_texts = None  # the tokenized prompt of every class, set by prepare()
+
+    @property
+    def output_columns(self) -> int | None:
+        return 1  # the images: the class prompts are embedded once per evaluation
+
+    def metrics_for(self, label_names):
+        return Classify.metrics_for(self, label_names)
+
+    def prompts(self, label_names: list) -> list[str]:
+        return [self.cfg.prompt.format(name) for name in label_names]
+
+    def prepare(self, tokenizer, label_names: list, model_cfg) -> None:
+        """The tokenized prompt of every class, in label order."""
+        from runner.dual import text_features
+
+        self.class_texts = text_features(tokenizer, self.prompts(label_names), model_cfg.max_length,
+                                         model_cfg.text_padding, model_cfg.text_prefix)
+
+    def outputs(self, model, loader, accelerator):
+        (images,), labels = super().outputs(model, loader, accelerator)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            classes = model({k: v.to(accelerator.device) for k, v in self.class_texts.items()}).float().cpu()
+        model.train(was_training)
+        images = torch.nn.functional.normalize(torch.from_numpy(images), dim=-1)
+        # cosine similarities as logits, at CLIP's scale of 100: the reported loss is then comparable across runs
+        return [(images @ torch.nn.functional.normalize(classes, dim=-1).T * 100).numpy()], labels
+
+    def score(self, columns, labels, split, label_names, text_ids=None, report=True):
+        return Classify.score(self, columns, labels, split, label_names, text_ids, report)
+
+    def positive_index(self, label_names: list) -> int:
+        return Classify.positive_index(self, label_names)
+
+
 def scatter_points(predicted: np.ndarray, true: np.ndarray, name: str) -> dict:
     """What the predicted-vs-true picture of a split needs (runner/report.py)."""
     return {"predicted": [round(float(x), 5) for x in predicted], "true": [round(float(x), 5) for x in true],
@@ -207,6 +284,12 @@ def make_task(data_type: DataType, cfg: TaskConfig) -> Task:
     """The task for a data type, architecture and target (a lookup table, see the module docstring)."""
     if data_type == DataType.triplet:
         return Retrieve(cfg)
+    if data_type == DataType.image_text:
+        return ImageText(cfg)
+    if data_type == DataType.image:
+        if cfg.multi_label or cfg.target == Target.score:
+            raise RunnerError("data.type=image is classification by class prompts: drop task.multi_label / task.target")
+        return ZeroShot(cfg)
     if data_type == DataType.pair and cfg.architecture == Architecture.bi:
         if cfg.multi_label:
             raise RunnerError("task.multi_label needs a head: use task.architecture=cross for pairs")

@@ -32,7 +32,8 @@ META_LIMIT = 1 << 20  # runner_model.json: a few KB in practice (labels included
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ENCODER_DIRS = (".", "encoder", "adapter", "base")
 TOKENIZER_DIRS = (".", "tokenizer")
-TASKS = ("Classify", "MultiLabel", "Regress", "PairSimilarity", "Retrieve")
+TASKS = ("Classify", "MultiLabel", "Regress", "PairSimilarity", "Retrieve", "ImageText", "ZeroShot")
+DUAL_TYPES = ("clip", "siglip", "vision-text-dual-encoder")  # runner.dual.model_classes
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 
 
@@ -146,7 +147,11 @@ def _number(value) -> bool:
 
 FIELDS = {  # runner_model.json: what each field may hold (absent fields keep their defaults)
     "task": lambda v: v in TASKS,
-    "data_type": lambda v: v in ("single", "pair", "triplet"),
+    "data_type": lambda v: v in ("single", "pair", "triplet", "image_text", "image"),
+    "kind": lambda v: v == "dual",
+    "model_type": lambda v: v in DUAL_TYPES,
+    "text_padding": lambda v: v in ("longest", "max_length"),
+    "prompt": lambda v: isinstance(v, str) and len(v) <= 10_000 and v.count("{}") == 1,
     "joint": lambda v: isinstance(v, bool),
     "threshold": lambda v: v is None or (_number(v) and 0 < v < 1),
     "score_range": lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(map(_number, v)) and v[0] < v[1]),
@@ -178,6 +183,11 @@ def check_meta(meta: object, folder: Path) -> dict:
     if meta.get("input") == "embeddings":
         if "dim" not in meta or not isinstance(meta.get("head"), dict):
             raise RunnerError(f"{where}: a head on given embeddings needs dim and head")
+        return meta
+    if meta.get("kind") == "dual":  # a transformers dual encoder at the folder's root (runner/dual.py)
+        for key in ("model_type", "max_length", "data_type"):
+            if key not in meta:
+                raise RunnerError(f"{where}: {key} is missing: not a complete runner model file")
         return meta
     if "input" in meta:
         raise RunnerError(f"{where}: input={str(meta['input'])[:100]!r}: the only other input is embeddings")

@@ -1,0 +1,196 @@
+"""Dual encoders: an image tower and a text tower mapping into one embedding space (CLIP, SigLIP, LiT).
+
+The model is transformers' own class (``CLIPModel``, ``SiglipModel``, ``VisionTextDualEncoderModel``), chosen by
+the config's ``model_type`` from an explicit table, so a saved folder loads with that class and computes what the
+runner computed. :class:`DualModel` gives the runner's model interface: ``model(features)`` is the image
+embedding for a batch of ``pixel_values`` and the text embedding for token ids (a batch is a mapping of named
+inputs), and ``logit_scale`` / ``logit_bias`` are the learnable temperature and bias the loss uses.
+
+LiT (``model=lit``): a pretrained text encoder (``model.name_or_path``) and a vision tower built from
+``model.vision_init`` (a transformers vision config), joined by ``VisionTextDualEncoderModel`` with its two
+projections; ``model.locked=[text]`` keeps the text tower as loaded while the vision tower learns to match it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runner.errors import RunnerError
+from runner.schema import ModelConfig
+
+log = logging.getLogger("runner")
+TOWERS = {"text": "text_model", "vision": "vision_model"}  # the projections and the temperature always train
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+
+
+def model_classes() -> dict:
+    """config ``model_type`` -> the transformers class that loads it: what a folder's config may name."""
+    from transformers import CLIPModel, SiglipModel, VisionTextDualEncoderModel
+
+    return {"clip": CLIPModel, "siglip": SiglipModel, "vision-text-dual-encoder": VisionTextDualEncoderModel}
+
+
+def is_dual(cfg: ModelConfig) -> bool:
+    """Whether ``cfg`` names a dual encoder: a LiT vision tower, a random one, or a folder/hub id whose config says so."""
+    if cfg.vision_init:
+        return True
+    if cfg.random_init:
+        return cfg.random_init.get("model_type") in model_classes()
+    from runner.model import load_config
+
+    return load_config(cfg, 0).model_type in model_classes()
+
+
+class DualModel(nn.Module):
+    """The runner's view of a transformers dual encoder (see the module docstring)."""
+
+    head_outputs = None  # an embedding model: no head
+    frozen_encoder = False
+
+    def __init__(self, encoder: nn.Module, locked: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.encoder, self.locked = encoder, tuple(locked)
+        for tower in self.locked:
+            getattr(encoder, TOWERS[tower]).requires_grad_(False)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.encoder.logit_scale
+
+    @property
+    def logit_bias(self) -> torch.Tensor | None:
+        return getattr(self.encoder, "logit_bias", None)
+
+    def train(self, mode: bool = True) -> DualModel:
+        super().train(mode)
+        for tower in self.locked:  # a locked tower gives the same output in training as at inference (no dropout)
+            getattr(self.encoder, TOWERS[tower]).eval()
+        return self
+
+    def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if "pixel_values" in features:
+            out = self.encoder.get_image_features(pixel_values=features["pixel_values"])
+        else:
+            out = self.encoder.get_text_features(**{k: v for k, v in features.items() if k in TEXT_INPUTS})
+        return out.pooler_output if hasattr(out, "pooler_output") else out  # transformers 5: an output object
+
+    embed = forward
+
+
+def load_dual(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """The transformers dual encoder of ``cfg``: LiT (a text encoder + a vision tower from a config), a random
+    one from ``model.random_init``, or the pretrained one of ``model.name_or_path`` (safetensors only)."""
+    from transformers import AutoConfig, AutoModel, VisionTextDualEncoderConfig
+
+    classes = model_classes()
+    if cfg.vision_init:
+        options = dict(cfg.vision_init)
+        kind = options.pop("model_type", None)
+        if kind not in VISION_TYPES:
+            raise RunnerError(f"model.vision_init.model_type={kind!r}: build the vision tower from one of "
+                              f"{', '.join(VISION_TYPES)}")
+        from runner.model import load_encoder
+
+        text = load_encoder(dataclasses.replace(cfg, vision_init=None), vocab_size)
+        if getattr(text, "pooler", None) is not None:  # load_encoder freezes it; here it is the text output
+            text.pooler.requires_grad_(True)
+        vision = AutoModel.from_config(AutoConfig.for_model(kind, **options))
+        config = VisionTextDualEncoderConfig.from_vision_text_configs(
+            vision.config, text.config, projection_dim=cfg.projection_dim or text.config.hidden_size)
+        return classes["vision-text-dual-encoder"](config=config, vision_model=vision, text_model=text)
+    if cfg.random_init:
+        options = dict(cfg.random_init)
+        return classes[options.pop("model_type")](AutoConfig.for_model(cfg.random_init["model_type"], **options))
+    from runner.model import load_config
+
+    config = load_config(cfg, vocab_size)
+    if config.model_type not in classes:
+        raise RunnerError(f"model {cfg.name_or_path} is a {config.model_type!r} model, not a dual encoder the runner "
+                          f"offers ({', '.join(classes)}): image data needs model=clip, model=siglip or model=lit")
+    try:
+        return classes[config.model_type].from_pretrained(cfg.name_or_path, revision=cfg.revision, use_safetensors=True)
+    except OSError as err:
+        raise RunnerError(f"could not load the model '{cfg.name_or_path}': {str(err).splitlines()[0]} (the runner reads "
+                          f"safetensors weights only)") from err
+
+
+VISION_TYPES = ("vit", "clip_vision_model", "siglip_vision_model")
+
+
+def build(cfg: ModelConfig, mode, vocab_size: int) -> DualModel:
+    """A dual encoder to train: the mode applies to every tower not in ``model.locked``."""
+    check_mode(mode)
+    return DualModel(load_dual(cfg, vocab_size), tuple(cfg.locked))
+
+
+def check_mode(mode) -> None:
+    """Checked before a run opens, and again when the model is built."""
+    from runner.modes import Full
+
+    if not isinstance(mode, Full) or mode.freeze_layers:
+        raise RunnerError(f"dual encoders train with mode=full (the towers not in model.locked learn; model.locked="
+                          f"[text] keeps the text tower as loaded): {type(mode).__name__} is not offered for them")
+
+
+# ---- the saved folder ------------------------------------------------------------------------------------------
+
+def save(folder: Path, model: DualModel, tokenizer, processor, meta: dict) -> Path:
+    """A folder transformers loads as it is (``CLIPModel.from_pretrained(folder)``, ``AutoProcessor``), plus
+    runner_model.json saying how the runner tokenized and what the task was."""
+    from runner.images import processor_type
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.encoder.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    saved = json.loads((folder / "preprocessor_config.json").read_text())
+    saved["image_processor_type"] = processor_type(processor)  # the class transformers knows (not its PIL twin)
+    (folder / "preprocessor_config.json").write_text(json.dumps(saved, indent=2))
+    (folder / "runner_model.json").write_text(json.dumps({**meta, "kind": "dual",
+                                                          "model_type": model.encoder.config.model_type}, indent=2))
+    return folder
+
+
+def load_saved(folder: Path, meta: dict):
+    """(DualModel in eval mode with its ``image_processor``, tokenizer) of a saved folder: only the classes of
+    :func:`model_classes`, safetensors only, no remote code."""
+    from transformers import AutoTokenizer
+
+    from runner import trust
+    from runner.images import load_processor
+
+    kind = meta.get("model_type")
+    classes = model_classes()
+    if kind not in classes:
+        raise RunnerError(f"{folder}/runner_model.json: model_type={str(kind)[:60]!r} is not a dual encoder the runner "
+                          f"offers ({', '.join(classes)})")
+    trust.check_weights(folder, "dual encoder")
+    encoder = classes[kind].from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
+    if encoder.config.model_type != kind:
+        raise RunnerError(f"{folder}: config.json says {encoder.config.model_type}, runner_model.json {kind}")
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    model = DualModel(encoder).eval()
+    model.image_processor = load_processor(str(folder), None)
+    return model, tokenizer
+
+
+def text_features(tokenizer, texts: list[str], max_length: int, padding: str, prefix: str = "") -> dict:
+    """Token ids of texts as the dual encoder is fed them (``model.text_padding``: SigLIP pads to max_length)."""
+    encoded = tokenizer([prefix + t for t in texts], padding=padding, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+    return {k: v for k, v in encoded.items() if k in TEXT_INPUTS}
+
+
+def describe(model: DualModel) -> str:
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    locked = f", locked: {', '.join(model.locked)}" if model.locked else ""
+    return f"{model.encoder.config.model_type} dual encoder, {trained:,} of {total:,} weights train{locked}"
+

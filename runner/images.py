@@ -1,0 +1,138 @@
+"""Images as inputs: a column of paths (relative to the data file's folder), checked before a run starts, decoded
+and preprocessed in the loader workers by the model's own image processor, never all held in memory.
+
+An image the runner cannot read is an input error naming the file, the row and the column
+(``data.bad_images=error``), or a skipped row counted in the log and in ``data_sources.json``
+(``data.bad_images=skip``). The processor is built from the model folder's ``preprocessor_config.json`` (or
+``model.image_processor``) through an explicit table of processor classes: the file names a class, it is
+never imported by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runner.errors import DataError, RunnerError
+
+log = logging.getLogger("runner")
+PROCESSOR_FILE = "preprocessor_config.json"
+CONFIG_LIMIT = 1 << 20  # a processor config is a few hundred bytes; a crafted one is not read whole
+
+
+def processor_classes() -> dict:
+    """Processor type (as preprocessor_config.json names it) -> the class that builds it. The PIL versions: the
+    torchvision-backed ones need a torchvision build matching torch, and compute the same numbers."""
+    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil, ViTImageProcessorPil
+
+    table = {"CLIPImageProcessor": CLIPImageProcessorPil, "SiglipImageProcessor": SiglipImageProcessorPil,
+             "ViTImageProcessor": ViTImageProcessorPil}
+    table.update({f"{name}Pil": cls for name, cls in list(table.items())})
+    table.update({f"{name}Fast": cls for name, cls in list(table.items()) if not name.endswith("Pil")})
+    return table
+
+
+def load_processor(folder: str | None, settings: dict | None):
+    """The image processor of a model folder (its preprocessor_config.json), or one built from ``settings``
+    (``model.image_processor``: ``type`` plus the processor's arguments) for a model built from a config."""
+    if settings:
+        options = dict(settings)
+        kind = options.pop("type", None)
+        return processor_class(kind, "model.image_processor.type")(**options)
+    path = Path(os.path.expanduser(folder or "")) / PROCESSOR_FILE
+    if not folder or not path.is_file():
+        raise RunnerError(f"no {PROCESSOR_FILE} in {folder}: the model folder must hold its image processor's "
+                          f"settings, or set model.image_processor (type: CLIPImageProcessor, SiglipImageProcessor or "
+                          f"ViTImageProcessor, plus size, image_mean, image_std)")
+    if path.stat().st_size > CONFIG_LIMIT:
+        raise RunnerError(f"{path} is {path.stat().st_size:,} bytes: more than a processor config holds")
+    try:
+        options = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RunnerError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(options, dict):
+        raise RunnerError(f"{path} is not a JSON object")
+    kind = options.pop("image_processor_type", None)
+    options.pop("processor_class", None)
+    allowed = set(processor_classes()[str(kind)].valid_kwargs.__annotations__) if str(kind) in processor_classes() else set()
+    return processor_class(kind, str(path))(**{k: v for k, v in options.items() if k in allowed})
+
+
+def processor_class(kind, where: str):
+    table = processor_classes()
+    if kind not in table:
+        raise RunnerError(f"{where}: image processor {str(kind)[:80]!r} is not one the runner offers; use one of "
+                          f"{', '.join(sorted(k for k in table if not k.endswith(('Pil', 'Fast'))))}")
+    return table[kind]
+
+
+def processor_type(processor) -> str:
+    """The name preprocessor_config.json gives this processor (the class transformers loads it as)."""
+    return type(processor).__name__.removesuffix("Pil")
+
+
+# ---- checking the image column of a split ------------------------------------------------------------------
+
+def checked_paths(values: list, base: str, where: str, column, policy: str, row_number) -> tuple[list[str], np.ndarray, dict]:
+    """Absolute paths of an image column and the rows to keep. A missing, empty, non-file or unreadable image
+    is an error naming file, row and column, or (``policy=skip``) a dropped row counted by reason."""
+    from PIL import Image
+
+    paths, keep, skipped = [], np.ones(len(values), dtype=bool), {}
+    for row, value in enumerate(values):
+        path = os.path.normpath(os.path.join(base, os.path.expanduser(str(value).strip())))
+        problem = image_problem(path, Image)
+        if problem:
+            if policy != "skip":
+                raise DataError(f"{where}: row {row_number(row)}, column {column!r}: {value}: {problem} (fix or remove "
+                                f"the row, or skip such rows with data.bad_images=skip)")
+            keep[row] = False
+            reason = f"unreadable images (data.bad_images=skip): {problem.split(':')[0]}"
+            skipped[reason] = skipped.get(reason, 0) + 1
+        paths.append(path)
+    if skipped:
+        log.warning("%s: %d rows with unreadable images skipped (%s)", where, int((~keep).sum()),
+                    ", ".join(f"{k.split(': ', 1)[1]}: {v}" for k, v in skipped.items()))
+    return paths, keep, skipped
+
+
+def image_problem(path: str, Image) -> str | None:
+    """Why ``path`` is not a readable image, or None. Cheap: headers and (PNG) chunk checksums, no decoding."""
+    if not os.path.exists(path):
+        return f"no such file ({path})"
+    if os.path.isdir(path):
+        return f"is a directory, not an image file ({path})"
+    if not os.path.isfile(path):
+        return f"not a regular file ({path})"
+    if os.path.getsize(path) == 0:
+        return f"empty file, 0 bytes ({path})"
+    try:
+        with Image.open(path) as image:
+            image.verify()  # structure and checksums: a truncated or corrupt PNG fails here
+    except Exception as err:  # noqa: BLE001  PIL raises many kinds for a bad file
+        return f"not a readable image ({type(err).__name__}: {str(err)[:120]}) ({path})"
+    return None
+
+
+# ---- decoding, in the loader workers -------------------------------------------------------------------------
+
+def pixel_values(processor, paths: list[str], rows: list[int] | None = None, where: str = "") -> torch.Tensor:
+    """The model's input tensor for these images: decoded to RGB, resized/cropped/normalized by ``processor``."""
+    from PIL import Image
+    from transformers.image_transforms import convert_to_rgb
+
+    images = []
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as image:
+                image.load()  # the pixels are read here: the file closes at the end of the block
+                images.append(convert_to_rgb(image))  # transparent pixels on white, as transformers' processors do
+        except Exception as err:  # noqa: BLE001  changed on disk since it was checked, or broken past its header
+            row = f"row {rows[i]}: " if rows is not None else ""
+            raise DataError(f"{where}{row}{path}: cannot decode this image ({type(err).__name__}: {str(err)[:120]})") from err
+    return processor(images=images, return_tensors="pt")["pixel_values"]
