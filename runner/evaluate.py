@@ -35,6 +35,7 @@ class EvaluateConfig:
     tracking_uri: str | None = None
     experiment: str | None = None  # default: the training run's
     data: dict = field(default_factory=dict)  # data.test=FILE and reading options
+    task: dict = field(default_factory=dict)  # dual encoders: task.prompt for zero-shot classes (data.type=image)
 
 
 def training_config(folder: Path) -> dict:
@@ -97,6 +98,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     folder = resolve_model_dir(cfg.model_dir, cfg.tracking_uri)
     meta = read_meta(folder)
     trained = training_config(folder)
+    if meta.get("kind") == "dual":
+        from runner import dual_inference
+        from runner.artifact import load_model
+
+        model, tokenizer, meta = load_model(folder)
+        return dual_inference.evaluate(cfg, folder, meta, model, tokenizer)
+    if cfg.task:
+        raise RunnerError("task.* applies to dual encoders (task.prompt); this model's task is fixed by its training")
     try:
         task_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig), trained.get("task") or {}))
     except (OmegaConfBaseException, ValueError) as err:

@@ -119,19 +119,29 @@ def image_problem(path: str, Image) -> str | None:
     return None
 
 
+def rgb(image, Image):
+    """RGB pixels; transparent ones on white (as transformers' convert_to_rgb): RGBA emoji on black lose shape."""
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 # ---- decoding, in the loader workers -------------------------------------------------------------------------
 
 def pixel_values(processor, paths: list[str], rows: list[int] | None = None, where: str = "") -> torch.Tensor:
     """The model's input tensor for these images: decoded to RGB, resized/cropped/normalized by ``processor``."""
     from PIL import Image
-    from transformers.image_transforms import convert_to_rgb
 
     images = []
     for i, path in enumerate(paths):
         try:
             with Image.open(path) as image:
                 image.load()  # the pixels are read here: the file closes at the end of the block
-                images.append(convert_to_rgb(image))  # transparent pixels on white, as transformers' processors do
+                images.append(rgb(image, Image))
         except Exception as err:  # noqa: BLE001  changed on disk since it was checked, or broken past its header
             row = f"row {rows[i]}: " if rows is not None else ""
             raise DataError(f"{where}{row}{path}: cannot decode this image ({type(err).__name__}: {str(err)[:120]})") from err

@@ -44,6 +44,8 @@ class PredictConfig:
     progress: bool = True
     tracking_uri: str | None = None  # where runs:/<id> is looked up (default: outputs/mlflow.db)
     data: dict = field(default_factory=dict)  # reading options over the training run's data.*
+    classes: list[str] | None = None  # dual encoders: zero-shot classes (default: the model's own, if any)
+    prompt: str | None = None  # dual encoders: the class prompt (default: the training run's task.prompt)
 
 
 def parse_args(argv: list[str], schema: type = PredictConfig):
@@ -278,6 +280,16 @@ def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
     from runner.artifact import read_meta
 
     meta = read_meta(folder)
+    if cfg.output:
+        check_writable(cfg.output, "file", "output")
+    if meta.get("kind") == "dual":
+        from runner import dual_inference
+
+        if cfg.backend != "torch":
+            raise RunnerError(f"backend={cfg.backend}: a dual encoder predicts with backend=torch")
+        return dual_inference.predict(cfg, folder, meta)
+    if cfg.classes or cfg.prompt:
+        raise RunnerError("classes= and prompt= are for dual image-text encoders")
     if cfg.top_k is not None and cfg.top_k < 1:
         raise RunnerError(f"top_k={cfg.top_k} must be at least 1")
     if cfg.output:

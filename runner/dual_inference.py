@@ -1,0 +1,181 @@
+"""A saved dual encoder on files: ``runner.evaluate`` (retrieval, or zero-shot classes from ``task.prompt``) and
+``runner.predict`` (image and text embeddings, zero-shot labels), through the same batches, task and metric code
+as training: the numbers of a training run's test split come back on the same file.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from runner.errors import RunnerError
+
+log = logging.getLogger("runner")
+
+
+def accelerator_for(meta: dict, precision: str):
+    """One process on the best device, under the autocast training evaluated with (``precision=auto``)."""
+    from runner.hardware import make_accelerator
+    from runner.schema import Device, Precision
+
+    chosen = meta.get("precision", "fp32") if precision == "auto" else precision
+    if chosen not in ("fp32", "bf16", "fp16"):
+        raise RunnerError(f"precision={precision}: use auto, fp32, bf16 or fp16")
+    return make_accelerator(Device.auto, Precision(chosen), 1)
+
+
+def read_split(folder: Path, meta: dict, source: str, overrides: dict, data_type: str, with_labels: bool):
+    """The checked frame of an image file (``text0`` absolute image paths, ``text1`` captions, ``label``) read with
+    the training run's options and ``overrides``; and how messages name it."""
+    from runner.data import image_rows, read_source, select, text_fields
+    from runner.predict import reading_config
+    from runner.schema import DataType
+
+    data = reading_config(folder, meta, source, {**overrides, "type": data_type})
+    frame, where = read_source(data, "train")
+    fields = text_fields(data)
+    selected = select(data, frame, where, fields, data.label_field if with_labels else None, [])
+    if data.type in (DataType.image_text, DataType.image):
+        selected = image_rows(data, selected, source, where, None)
+    return selected, where, data
+
+
+def class_names(meta: dict, frame, where: str) -> list:
+    """The classes a zero-shot evaluation picks among: the saved ones (a model trained on data.type=image), or
+    every distinct label of the file (a model trained on captions)."""
+    saved = meta.get("labels") or []
+    found = sorted({str(v).strip() for v in frame["label"].tolist()})
+    if saved:
+        unknown = sorted(set(found) - {str(s) for s in saved})
+        if unknown:
+            raise RunnerError(f"{where}: labels {unknown[:10]} are not among the model's classes {saved[:20]}")
+        return list(saved)
+    if len(found) < 2:
+        raise RunnerError(f"{where}: zero-shot classification needs at least two classes in the label column")
+    log.info("zero-shot over the file's %d classes: %s", len(found), ", ".join(found[:20]))
+    return found
+
+
+def evaluate(cfg, folder: Path, meta: dict, model, tokenizer) -> dict:
+    """``runner.evaluate`` for a dual encoder: data.type (default: the training run's) decides retrieval
+    (image_text) or zero-shot classification (image, with ``task.prompt``)."""
+    import torch
+
+    from runner import batching
+    from runner.schema import DataType, TaskConfig
+    from runner.tasks import make_task
+
+    data_type = DataType(cfg.data.get("type", meta["data_type"]))
+    prompt = cfg.task.get("prompt", meta.get("prompt") or TaskConfig.prompt)
+    task = make_task(data_type, TaskConfig(prompt=prompt))
+    overrides = {k: v for k, v in cfg.data.items() if k not in ("test", "type")}
+    if not cfg.data.get("test"):
+        raise RunnerError("data.test=FILE is required: the file to evaluate on")
+    frame, where, data = read_split(folder, meta, cfg.data["test"], overrides, data_type.value,
+                                    with_labels=data_type == DataType.image)
+    labels, names = None, []
+    if data_type == DataType.image:
+        names = class_names(meta, frame, where)
+        index = {str(n): i for i, n in enumerate(names)}
+        labels = np.array([index[str(v).strip()] for v in frame["label"].tolist()], dtype=np.int64)
+        captions = task.prompts(names)
+        captions = [captions[i] for i in labels]
+    else:
+        captions = frame["text1"].tolist()
+    settings = TextSettings(meta)
+    task.prepare(tokenizer, names, settings)
+    split = batching.ImageSplit(model.image_processor, tokenizer, frame["text0"].tolist(), captions, labels,
+                                settings.max_length, settings.text_prefix, settings.text_padding, f"{where}: ")
+    accelerator = accelerator_for(meta, cfg.precision)
+    loader = batching.for_processes(batching.make_loader(split, tokenizer, cfg.batch_size or 64, train=False), accelerator)
+    model = accelerator.prepare(model)
+    with torch.inference_mode():
+        metrics, report = task.evaluate(model, loader, accelerator, cfg.split, names, split.text_ids.numpy())
+    return {"metrics": metrics, "report": report, "model_dir": str(folder), "rows": len(split)}
+
+
+class TextSettings:
+    """How the model's texts were tokenized (runner_model.json), in the shape tasks read from model.*."""
+
+    def __init__(self, meta: dict) -> None:
+        self.max_length, self.text_prefix = meta["max_length"], meta.get("text_prefix", "")
+        self.text_padding = meta.get("text_padding", "longest")
+
+
+def predict(cfg, folder: Path, meta: dict) -> list[dict]:
+    """Rows of ``input`` (image paths in data.image_field and/or texts in data.text_field) -> ``image_embedding``,
+    ``text_embedding``, and with classes (the model's, or ``classes=[...]``) the zero-shot ``label`` and
+    ``probabilities`` of each image (softmax over the class prompts at the model's learned temperature)."""
+    import torch
+
+    from runner.artifact import load_model
+    from runner.dual import text_features
+    from runner.images import pixel_values
+
+    model, tokenizer, meta = load_model(folder)
+    settings = TextSettings(meta)
+    if cfg.text is not None:
+        images, texts = None, [cfg.text]
+    else:
+        if cfg.input is None:
+            raise RunnerError("give input=FILE (a table with an image column, a text column, or both) or text=...")
+        images, texts = columns_of(folder, meta, cfg)
+    names = list(cfg.classes or meta.get("labels") or [])
+    accelerator = accelerator_for(meta, cfg.precision)
+    model = model.to(accelerator.device)
+    rows: list[dict] = [{} for _ in range(len(images if images is not None else texts))]
+    with torch.inference_mode(), accelerator.autocast():
+        if images is not None:
+            vectors = torch.cat([model({"pixel_values": pixel_values(model.image_processor, images[i:i + cfg.batch_size]
+                                                                     ).to(accelerator.device)}).float().cpu()
+                                 for i in range(0, len(images), cfg.batch_size)])
+            for row, path, vector in zip(rows, images, vectors):
+                row["image"] = path
+                if cfg.embeddings or not names:
+                    row["image_embedding"] = [round(float(x), 6) for x in vector]
+            if names:
+                prompt = cfg.prompt or meta.get("prompt") or "a photo of a {}"
+                classes = model({k: v.to(accelerator.device) for k, v in text_features(
+                    tokenizer, [prompt.format(n) for n in names], settings.max_length, settings.text_padding,
+                    settings.text_prefix).items()}).float().cpu()
+                scale = float(model.logit_scale.float().exp().clamp(max=100))
+                sims = torch.nn.functional.normalize(vectors, dim=-1) @ torch.nn.functional.normalize(classes, dim=-1).T
+                probabilities = (sims * scale).softmax(-1)
+                for row, p in zip(rows, probabilities):
+                    row["label"] = names[int(p.argmax())]
+                    row["probabilities"] = {str(n): round(float(x), 6) for n, x in zip(names, p)}
+        if texts is not None:
+            out = []
+            for i in range(0, len(texts), cfg.batch_size):
+                features = text_features(tokenizer, texts[i:i + cfg.batch_size], settings.max_length,
+                                         settings.text_padding, settings.text_prefix)
+                out.append(model({k: v.to(accelerator.device) for k, v in features.items()}).float().cpu())
+            for row, text, vector in zip(rows, texts, torch.cat(out)):
+                row["text"] = text
+                row["text_embedding"] = [round(float(x), 6) for x in vector]
+    return rows
+
+
+def columns_of(folder: Path, meta: dict, cfg) -> tuple[list[str] | None, list[str] | None]:
+    """The image paths and/or texts of a predict input: whichever of data.image_field / data.text_field it has."""
+    from runner.data import read_source
+    from runner.predict import reading_config
+
+    data = reading_config(folder, meta, cfg.input, cfg.data)
+    frame, where = read_source(data, "train")
+    has_images, has_texts = data.image_field in frame.columns, data.text_field in frame.columns
+    if not (has_images or has_texts):
+        raise RunnerError(f"{where}: no column {data.image_field!r} (data.image_field) or {data.text_field!r} "
+                          f"(data.text_field); the file has columns {list(frame.columns)}")
+    images = texts = None
+    if has_images:
+        selected, _, _ = read_split(folder, meta, cfg.input, cfg.data, "image", with_labels=False)
+        images = selected["text0"].tolist()
+    if has_texts:
+        selected, _, _ = read_split(folder, meta, cfg.input, cfg.data, "single", with_labels=False)
+        texts = selected["text0"].tolist()
+    if images is not None and texts is not None and len(images) != len(texts):
+        raise RunnerError(f"{where}: {len(images)} readable images but {len(texts)} texts: fix the rows that differ")
+    return images, texts
