@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 # Values that are raw characters: ``data.delimiter=;`` or ``data.delimiter=|`` is not valid in Hydra's
 # override grammar, and the shell has already eaten the quotes of ``data.delimiter=';'``. Quoted for Hydra.
-RAW_STRING_KEYS = ("data.delimiter", "data.text_join", "data.label_separator")
+RAW_STRING_KEYS = ("data.delimiter", "data.text_join", "data.label_separator", "task.prompt")
 HIDDEN_GROUPS = ("hydra", "schema")  # Hydra's own and the internal typed schemas
 
 EXAMPLES = """\

@@ -1,0 +1,288 @@
+"""Images and text: dual encoders (CLIP, SigLIP, LiT) trained, saved, reloaded with transformers, evaluated and
+predicted like text models; bad image inputs; the image-text losses and metrics by hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from runner import checkpoint, train
+from runner.losses import CachedImageTextContrastive, ImageTextContrastive
+from runner.metrics import image_text_metrics
+from runner.sample_images import WORDS
+from tests.conftest import run_cli
+
+
+def write_digits(folder: Path, n: int, start: int = 0) -> Path:
+    """``n`` sklearn digits as PNG files beside a csv of image, caption, label (paths relative to the csv)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(start, start + n):
+        name = f"img/{i:04d}.png"
+        Image.fromarray((255 - data.images[i] * 255 / 16).astype(np.uint8), mode="L").save(folder / name)
+        word = WORDS[data.target[i]]
+        rows.append([name, f"a handwritten digit {word}", word])
+    path = folder / f"pairs_{start}.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["image", "caption", "label"], *rows])
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("digits")
+    return {"train": write_digits(folder, 192), "test": write_digits(folder, 64, start=1400)}
+
+
+def base(tmp_path: Path, model: str, train_file: Path, *extra: str) -> list[str]:
+    return [f"model={model}", "data=csv", "data.type=image_text", f"data.train={train_file}", "data.text_field=caption",
+            "hardware=cpu", "precision=fp32", "train.epochs=2", "train.batch_size=32", "train.progress=false",
+            "train.lr=1e-3", f"output_dir={tmp_path / 'run'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.log_model=false", *extra]
+
+
+@pytest.mark.parametrize("model", ["tiny_clip", "tiny_siglip"])
+def test_dual_encoder_trains_saves_and_reloads_with_transformers(model, digits, tmp_path, capsys):
+    from transformers import AutoTokenizer, CLIPModel, SiglipModel
+
+    from runner.images import load_processor, pixel_values
+    from runner.predict import PredictConfig, predict
+
+    code, out = run_cli(base(tmp_path, model, digits["train"]), capsys)
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["objective"]["metric"] == "val/mean_recall"
+    assert 0 <= metrics["metrics"]["val/i2t_recall_at_5"] <= 1
+    folder = tmp_path / "run" / "model"
+    cls = CLIPModel if model == "tiny_clip" else SiglipModel
+    reloaded = cls.from_pretrained(folder).eval()  # transformers' own class, nothing of the runner's
+    processor = load_processor(str(folder), None)
+    images = [str(digits["train"].parent / f"img/{i:04d}.png") for i in range(3)]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    padding = "max_length" if model == "tiny_siglip" else "longest"
+    tokens = tokenizer(["a handwritten digit zero"], padding=padding, max_length=16 if model == "tiny_siglip" else 32,
+                       return_tensors="pt")
+    with torch.no_grad():
+        theirs_images = reloaded.get_image_features(pixel_values=pixel_values(processor, images)).pooler_output
+        theirs_text = reloaded.get_text_features(**tokens).pooler_output
+    rows = predict(PredictConfig(model_dir=str(folder), input=str(digits["train"]), embeddings=True, precision="fp32",
+                                 data={"text_field": "caption"}))
+    assert len(rows) == 192 and rows[0]["image"].endswith("0000.png")
+    mine = torch.tensor([rows[i]["image_embedding"] for i in range(3)])
+    assert torch.allclose(mine, theirs_images, atol=1e-4)
+    assert torch.allclose(torch.tensor(rows[0]["text_embedding"]), theirs_text[0], atol=1e-4)
+    # zero-shot labels over given classes
+    rows = predict(PredictConfig(model_dir=str(folder), input=str(digits["test"]), precision="fp32",
+                                 classes=["zero", "one"], prompt="a handwritten digit {}"))
+    assert {r["label"] for r in rows} <= {"zero", "one"}
+    assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-4
+
+
+def test_zero_shot_classes_train_in_k_folds_and_evaluate(digits, tmp_path, capsys):
+    """data.type=image: images against their class prompts; k-fold as for text classes; evaluate again."""
+    code, out = run_cli([*base(tmp_path, "tiny_clip", digits["train"], "data.type=image", "data.label_field=label",
+                               "cv.folds=2", "task.prompt=a handwritten digit {}")], capsys)
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert 0 <= metrics["cv/val/accuracy_mean"] <= 1
+    model_dir = next((tmp_path / "run").rglob("runner_model.json")).parent
+    meta = json.loads((model_dir / "runner_model.json").read_text())
+    assert sorted(meta["labels"]) == sorted(WORDS) and meta["prompt"] == "a handwritten digit {}"
+    from runner.evaluate import EvaluateConfig, evaluate
+
+    result = evaluate(EvaluateConfig(model_dir=str(model_dir), tracking=False, data={"test": str(digits["test"])},
+                                     progress=False))
+    assert result["rows"] == 64 and 0 <= result["metrics"]["test/accuracy"] <= 1
+    assert result["report"]["confusion_matrix"]["labels"] == meta["labels"]
+
+
+def test_a_text_model_refuses_images_and_a_dual_encoder_refuses_text(digits, tmp_path, capsys):
+    code, out = run_cli(base(tmp_path, "tiny", digits["train"]), capsys)
+    assert code == 1 and "needs a dual encoder (model=clip, model=siglip, model=lit)" in out
+    code, out = run_cli([*base(tmp_path, "tiny_clip", digits["train"], "data.type=single", "data.text_field=caption")],
+                        capsys)
+    assert code == 1 and "is a dual image-text encoder" in out
+    code, out = run_cli(base(tmp_path, "tiny_clip", digits["train"], "mode=peft"), capsys)
+    assert code == 1 and "dual encoders train with mode=full" in out
+
+
+# ---- bad image inputs ------------------------------------------------------------------------------------------
+
+def broken(folder: Path, kind: str) -> tuple[str, str]:
+    """A broken image of ``kind`` at row 4 (the 3rd data row) of a copy of the digits csv: (csv overrides, what the error names)."""
+    rows = list(csv.reader(open(next(folder.glob("pairs_0.csv")))))
+    name = f"bad_{kind}.png"
+    target = folder / "img" / name
+    if kind == "corrupt":
+        good = (folder / "img" / "0000.png").read_bytes()
+        target.write_bytes(good[: len(good) // 2])  # a truncated PNG
+    elif kind == "zero-byte":
+        target.write_bytes(b"")
+    elif kind == "directory":
+        target.mkdir(exist_ok=True)
+    rows[3][0] = f"img/{name}"  # kind "missing": the file is never written
+    path = folder / f"broken_{kind}.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return str(path), name
+
+
+@pytest.mark.parametrize("kind,why", [("missing", "no such file"), ("corrupt", "not a readable image"),
+                                      ("zero-byte", "empty file, 0 bytes"), ("directory", "is a directory")])
+def test_a_bad_image_is_one_error_naming_file_row_and_column(kind, why, digits, tmp_path, capsys):
+    path, name = broken(digits["train"].parent, kind)
+    code, out = run_cli(base(tmp_path, "tiny_clip", Path(path)), capsys)
+    assert code == 1, out
+    error = next(line for line in out.splitlines() if "error:" in line)
+    assert f"broken_{kind}.csv: row 4, column 'image': img/{name}: {why}" in error
+    assert "Traceback" not in out and not (tmp_path / "mlflow.db").exists() or "FAILED" not in out
+
+
+def test_a_wrong_image_column_is_named(digits, tmp_path, capsys):
+    code, out = run_cli(base(tmp_path, "tiny_clip", digits["train"], "data.image_field=picture"), capsys)
+    assert code == 1 and "no column 'picture' (data.image_field)" in out and "['image', 'caption', 'label']" in out
+
+
+def test_bad_images_skip_counts_them_in_the_log_and_mlflow(digits, tmp_path, capsys):
+    folder = digits["train"].parent
+    rows = list(csv.reader(open(digits["train"])))
+    for kind, row in (("missing", 2), ("corrupt", 5), ("zero-byte", 9), ("directory", 11)):
+        broken(folder, kind)
+        rows[row][0] = f"img/bad_{kind}.png"
+    path = folder / "broken_all.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    code, out = run_cli(base(tmp_path, "tiny_clip", path, "data.bad_images=skip", "train.epochs=1"), capsys)
+    assert code == 0, out
+    assert "4 rows with unreadable images skipped" in out
+    counted = json.loads((tmp_path / "run" / "data_sources.json").read_text())[0]
+    assert counted["rows"] == 192
+    assert sum(v for k, v in counted["skipped"].items() if k.startswith("unreadable images")) == 4
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("runner").experiment_id])[0]
+    logged = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="data_sources.json",
+                                                                 tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")).read_text())
+    assert logged == json.loads((tmp_path / "run" / "data_sources.json").read_text())
+    data = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert data["objective"]["value"] >= 0
+
+
+# ---- resume ----------------------------------------------------------------------------------------------------
+
+class SimulatedKill(BaseException):
+    pass
+
+
+def test_an_image_run_killed_mid_epoch_resumes_bit_exactly(digits, tmp_path, monkeypatch, capsys):
+    """As text runs (tests/test_resume.py): killed at step 5 of 12, resumed; the weights equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    def overrides(name):
+        return [*base(tmp_path / name, "tiny_clip", digits["train"], "train.epochs=2", "train.checkpoint_every=4",
+                      "train.deterministic=true", "train.batch_size=16")]
+
+    assert run_cli(overrides("whole"), capsys)[0] == 0
+
+    def crash(kind, step):
+        if (kind, step) == ("step", 5):
+            raise SimulatedKill()
+    monkeypatch.setattr(train, "crash_point", crash)
+    with pytest.raises(SimulatedKill):
+        run_cli(overrides("killed"), capsys)
+    monkeypatch.undo()
+    code, out = run_cli(overrides("killed"), capsys)
+    assert code == 0 and "resuming from" in out
+    whole = load_file(tmp_path / "whole" / "run" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "run" / "model" / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert checkpoint is not None
+
+
+# ---- losses and metrics by hand --------------------------------------------------------------------------------
+
+def test_clip_loss_is_the_mean_of_both_cross_entropies_with_repeats_masked():
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    texts = torch.tensor([[1.0, 0.2], [0.1, 1.0], [0.5, 1.0]])
+    log_scale = torch.tensor(np.log(10.0), dtype=torch.float32)
+    ids = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    loss = ImageTextContrastive("softmax", gather_across_ranks=False).compute(images, texts, ids, log_scale)
+    sims = nn.functional.normalize(images, dim=-1) @ nn.functional.normalize(texts, dim=-1).T * 10
+    target = torch.arange(3)
+    expected = (nn.functional.cross_entropy(sims, target) + nn.functional.cross_entropy(sims.T, target)) / 2
+    assert torch.allclose(loss, expected)
+    # rows 0 and 2 share a caption: neither is the other's negative
+    ids = torch.tensor([[0, 1, 2], [7, 8, 7]])
+    loss = ImageTextContrastive("softmax", gather_across_ranks=False).compute(images, texts, ids, log_scale)
+    masked = sims.clone()
+    masked[0, 2] = masked[2, 0] = float("-inf")
+    expected = (nn.functional.cross_entropy(masked, target) + nn.functional.cross_entropy(masked.T, target)) / 2
+    assert torch.allclose(loss, expected)
+
+
+def test_sigmoid_loss_scores_every_pair_with_bias():
+    images, texts = torch.randn(4, 3), torch.randn(4, 3)
+    log_scale, bias = torch.tensor(np.log(10.0), dtype=torch.float32), torch.tensor([-2.0])
+    ids = torch.tensor([[0, 1, 2, 3], [5, 6, 5, 7]])
+    loss = ImageTextContrastive("auto", gather_across_ranks=False).compute(images, texts, ids, log_scale, bias)
+    sims = nn.functional.normalize(images, dim=-1) @ nn.functional.normalize(texts, dim=-1).T * 10 - 2
+    labels = -torch.ones(4, 4)
+    labels[torch.arange(4), torch.arange(4)] = 1
+    labels[0, 2] = labels[2, 0] = 1  # the same caption
+    expected = -nn.functional.logsigmoid(labels * sims).sum() / 4
+    assert torch.allclose(loss, expected)
+    with pytest.raises(Exception, match="loss=siglip needs a model with a learnable logit bias"):
+        ImageTextContrastive("sigmoid").compute(images, texts, ids, log_scale, None)
+
+
+class TwoTowers(nn.Module):
+    """Two linear towers with dropout and a temperature: what the losses see of a dual encoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image, self.text = nn.Sequential(nn.Dropout(0.3), nn.Linear(6, 4)), nn.Embedding(20, 4)
+        self.logit_scale, self.logit_bias = nn.Parameter(torch.tensor(2.0)), None
+
+    def forward(self, features):
+        if "pixel_values" in features:
+            return self.image(features["pixel_values"])
+        return self.text(features["input_ids"]).mean(1)
+
+
+def test_gradcache_gives_the_gradients_of_the_whole_batch():
+    torch.manual_seed(0)
+    model = TwoTowers()
+    batch = {"features": [{"pixel_values": torch.randn(10, 6)}, {"input_ids": torch.randint(0, 20, (10, 3))}],
+             "text_ids": torch.stack([torch.arange(10), torch.tensor([0, 1, 2, 3, 4, 0, 5, 6, 7, 8])])}
+    grads = []
+    for loss_fn in (ImageTextContrastive("softmax", False), CachedImageTextContrastive("softmax", False, mini_batch_size=3)):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks: GradCache replays each mini-batch's RNG state
+        loss_fn(model, batch).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_image_text_metrics_by_hand():
+    # 3 images, captions A, B, A (images 0 and 2 share a caption): distinct captions A, B
+    images = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=np.float32)
+    texts = np.array([[1.0, 0.0], [1.0, 0.1], [1.0, 0.0]], dtype=np.float32)  # B points near A: image 1 ranks it 1st
+    ids = np.array([[0, 1, 2], [0, 1, 0]])
+    m = image_text_metrics(images, texts, ids, "val")
+    # i2t: image 0 -> A rank 1; image 1 -> B (cos .0995 vs 0 for A) rank 1; image 2 -> A (.6) vs B (.68): rank 2
+    assert m["val/i2t_recall_at_1"] == pytest.approx(2 / 3) and m["val/i2t_mrr"] == pytest.approx((1 + 1 + 0.5) / 3)
+    # t2i: A -> images 0 (1.0), 2 (.6), 1 (0): first relevant rank 1; B -> image 2 (.68) first, image 1 (.0995) rank 3
+    assert m["val/t2i_recall_at_1"] == pytest.approx(0.5) and m["val/t2i_mrr"] == pytest.approx((1 + 1 / 3) / 2)
+    assert m["val/t2i_recall_at_5"] == 1.0
