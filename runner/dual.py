@@ -14,6 +14,7 @@ projections; ``model.locked=[text]`` keeps the text tower as loaded while the vi
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 from collections.abc import Mapping
@@ -57,6 +58,9 @@ class DualModel(nn.Module):
     def __init__(self, encoder: nn.Module, locked: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.encoder, self.locked = encoder, tuple(locked)
+        # what the text tower reads (CLIP and SigLIP take no token_type_ids; a BERT text tower in LiT does)
+        accepted = inspect.signature(encoder.text_model.forward).parameters
+        self.text_inputs = tuple(k for k in TEXT_INPUTS if k in accepted)
         for tower in self.locked:
             getattr(encoder, TOWERS[tower]).requires_grad_(False)
 
@@ -78,7 +82,7 @@ class DualModel(nn.Module):
         if "pixel_values" in features:
             out = self.encoder.get_image_features(pixel_values=features["pixel_values"])
         else:
-            out = self.encoder.get_text_features(**{k: v for k, v in features.items() if k in TEXT_INPUTS})
+            out = self.encoder.get_text_features(**{k: v for k, v in features.items() if k in self.text_inputs})
         return out.pooler_output if hasattr(out, "pooler_output") else out  # transformers 5: an output object
 
     embed = forward

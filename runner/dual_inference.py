@@ -104,58 +104,90 @@ class TextSettings:
         self.text_padding = meta.get("text_padding", "longest")
 
 
+class DualPredictor:
+    """A saved dual encoder answering rows of images and/or texts: ``runner.predict`` and the MLflow pyfunc.
+
+    Each row gets ``image_embedding`` / ``text_embedding``, and with classes (the model's, or given) the zero-shot
+    ``label`` and ``probabilities`` of its image: a softmax over the class prompts at the model's learned
+    temperature. Images are paths or encoded image bytes (a PNG or JPEG file's content)."""
+
+    def __init__(self, folder: Path, precision: str = "auto") -> None:
+        from runner.artifact import load_model
+        from runner.model import quiet_libraries
+
+        quiet_libraries()
+        self.model, self.tokenizer, self.meta = load_model(folder)
+        self.settings = TextSettings(self.meta)
+        self.accelerator = accelerator_for(self.meta, precision)
+        self.model = self.model.to(self.accelerator.device)
+
+    def embed_images(self, images: list, batch_size: int):
+        import torch
+
+        from runner.images import pixel_values
+
+        out = []
+        for i in range(0, len(images), batch_size):
+            pixels = pixel_values(self.model.image_processor, images[i:i + batch_size])
+            out.append(self.model({"pixel_values": pixels.to(self.accelerator.device)}).float().cpu())
+        return torch.cat(out)
+
+    def embed_texts(self, texts: list[str], batch_size: int):
+        import torch
+
+        from runner.dual import text_features
+
+        out = []
+        for i in range(0, len(texts), batch_size):
+            features = text_features(self.tokenizer, texts[i:i + batch_size], self.settings.max_length,
+                                     self.settings.text_padding, self.settings.text_prefix)
+            out.append(self.model({k: v.to(self.accelerator.device) for k, v in features.items()}).float().cpu())
+        return torch.cat(out)
+
+    def run(self, images: list | None, texts: list[str] | None, classes: list | None = None, prompt: str | None = None,
+            embeddings: bool = False, batch_size: int = 64) -> list[dict]:
+        import torch
+
+        names = list(classes or self.meta.get("labels") or [])
+        rows: list[dict] = [{} for _ in range(len(images if images is not None else texts or []))]
+        with torch.inference_mode(), self.accelerator.autocast():
+            if images is not None:
+                vectors = self.embed_images(images, batch_size)
+                for row, vector in zip(rows, vectors):
+                    if embeddings or not names:
+                        row["image_embedding"] = [round(float(x), 6) for x in vector]
+                if names:
+                    template = prompt or self.meta.get("prompt") or "a photo of a {}"
+                    if template.count("{}") != 1:
+                        raise RunnerError(f"prompt={template!r}: a text with one {{}} for the class name")
+                    prompts = self.embed_texts([template.format(n) for n in names], batch_size)
+                    scale = float(self.model.logit_scale.float().exp().clamp(max=100))
+                    sims = (torch.nn.functional.normalize(vectors, dim=-1)
+                            @ torch.nn.functional.normalize(prompts, dim=-1).T)
+                    for row, p in zip(rows, (sims * scale).softmax(-1)):
+                        row["label"] = names[int(p.argmax())]
+                        row["probabilities"] = {str(n): round(float(x), 6) for n, x in zip(names, p)}
+            if texts is not None:
+                for row, vector in zip(rows, self.embed_texts(texts, batch_size)):
+                    row["text_embedding"] = [round(float(x), 6) for x in vector]
+        return rows
+
+
 def predict(cfg, folder: Path, meta: dict) -> list[dict]:
-    """Rows of ``input`` (image paths in data.image_field and/or texts in data.text_field) -> ``image_embedding``,
-    ``text_embedding``, and with classes (the model's, or ``classes=[...]``) the zero-shot ``label`` and
-    ``probabilities`` of each image (softmax over the class prompts at the model's learned temperature)."""
-    import torch
-
-    from runner.artifact import load_model
-    from runner.dual import text_features
-    from runner.images import pixel_values
-
-    model, tokenizer, meta = load_model(folder)
-    settings = TextSettings(meta)
+    """``runner.predict`` for a dual encoder: ``input`` (image paths in data.image_field and/or texts in
+    data.text_field) or ``text=``; rows as :class:`DualPredictor` gives them, with their image path and text."""
     if cfg.text is not None:
+        if cfg.input is not None:
+            raise RunnerError("give input=FILE or text=..., not both")
         images, texts = None, [cfg.text]
+    elif cfg.input is None:
+        raise RunnerError("give input=FILE (a table with an image column, a text column, or both) or text=...")
     else:
-        if cfg.input is None:
-            raise RunnerError("give input=FILE (a table with an image column, a text column, or both) or text=...")
         images, texts = columns_of(folder, meta, cfg)
-    names = list(cfg.classes or meta.get("labels") or [])
-    accelerator = accelerator_for(meta, cfg.precision)
-    model = model.to(accelerator.device)
-    rows: list[dict] = [{} for _ in range(len(images if images is not None else texts))]
-    with torch.inference_mode(), accelerator.autocast():
-        if images is not None:
-            vectors = torch.cat([model({"pixel_values": pixel_values(model.image_processor, images[i:i + cfg.batch_size]
-                                                                     ).to(accelerator.device)}).float().cpu()
-                                 for i in range(0, len(images), cfg.batch_size)])
-            for row, path, vector in zip(rows, images, vectors):
-                row["image"] = path
-                if cfg.embeddings or not names:
-                    row["image_embedding"] = [round(float(x), 6) for x in vector]
-            if names:
-                prompt = cfg.prompt or meta.get("prompt") or "a photo of a {}"
-                classes = model({k: v.to(accelerator.device) for k, v in text_features(
-                    tokenizer, [prompt.format(n) for n in names], settings.max_length, settings.text_padding,
-                    settings.text_prefix).items()}).float().cpu()
-                scale = float(model.logit_scale.float().exp().clamp(max=100))
-                sims = torch.nn.functional.normalize(vectors, dim=-1) @ torch.nn.functional.normalize(classes, dim=-1).T
-                probabilities = (sims * scale).softmax(-1)
-                for row, p in zip(rows, probabilities):
-                    row["label"] = names[int(p.argmax())]
-                    row["probabilities"] = {str(n): round(float(x), 6) for n, x in zip(names, p)}
-        if texts is not None:
-            out = []
-            for i in range(0, len(texts), cfg.batch_size):
-                features = text_features(tokenizer, texts[i:i + cfg.batch_size], settings.max_length,
-                                         settings.text_padding, settings.text_prefix)
-                out.append(model({k: v.to(accelerator.device) for k, v in features.items()}).float().cpu())
-            for row, text, vector in zip(rows, texts, torch.cat(out)):
-                row["text"] = text
-                row["text_embedding"] = [round(float(x), 6) for x in vector]
-    return rows
+    rows = DualPredictor(folder, cfg.precision).run(images, texts, cfg.classes, cfg.prompt, cfg.embeddings,
+                                                   cfg.batch_size)
+    given = [("image", images), ("text", texts)]
+    return [{**{k: v[i] for k, v in given if v is not None}, **row} for i, row in enumerate(rows)]
 
 
 def columns_of(folder: Path, meta: dict, cfg) -> tuple[list[str] | None, list[str] | None]:

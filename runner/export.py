@@ -72,6 +72,8 @@ def export_onnx(folder: Path, out: Path, opset: int = 17, quantize: str | None =
     model, tokenizer, meta = load_model(folder)
     if meta.get("input") == "embeddings":
         raise RunnerError(f"{folder} is a head on given embeddings: it has no encoder to export")
+    if meta.get("kind") == "dual":
+        return export_towers(model, tokenizer, meta, out, opset, quantize)
     model.encoder = merged_encoder(model.encoder)
     graph = Graph(model).eval()  # a new module starts in training mode: dropout in the graph otherwise
     texts = [meta.get("text_prefix", "") + t for t in EXAMPLES]
@@ -96,6 +98,57 @@ def export_onnx(folder: Path, out: Path, opset: int = 17, quantize: str | None =
         quantize_dynamic(str(path), str(out / "model.int8.onnx"), weight_type=QuantType.QInt8)
     log.info("ONNX graph written to %s%s", path, " (and model.int8.onnx)" if quantize else "")
     return path
+
+
+class Tower(nn.Module):
+    """One tower of a dual encoder as a graph: pixel_values -> embedding, or token ids -> embedding."""
+
+    def __init__(self, model, inputs: list[str]) -> None:
+        super().__init__()
+        self.model, self.inputs = model, inputs
+
+    def forward(self, *tensors):
+        return self.model(dict(zip(self.inputs, tensors)))
+
+
+def export_towers(model, tokenizer, meta: dict, out: Path, opset: int, quantize: str | None) -> Path:
+    """``image.onnx`` (pixel_values -> embedding) and ``text.onnx`` (token ids -> embedding) of a dual encoder,
+    with the tokenizer, the image processor settings and runner_model.json beside them; each checked against
+    PyTorch on its export batch (padded texts; images of the processor's size)."""
+    from runner.dual import text_features
+    from runner.images import processor_type
+
+    out.mkdir(parents=True, exist_ok=True)
+    texts = [meta.get("text_prefix", "") + t for t in EXAMPLES]
+    text_batch = {k: v for k, v in text_features(tokenizer, texts, meta["max_length"], meta.get("text_padding", "longest")
+                                                 ).items() if k in model.text_inputs}
+    size = model.encoder.config.vision_config.image_size
+    image_batch = {"pixel_values": torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))}
+    written = {}
+    for name, batch in (("image", image_batch), ("text", text_batch)):
+        names = list(batch)
+        graph = Tower(model, names).eval()
+        path = out / f"{name}.onnx"
+        axes = {n: {0: "batch", 1: "sequence"} if n != "pixel_values" else {0: "batch"} for n in names}
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on transformers' shape checks: the check decides
+            torch.onnx.export(graph, tuple(batch[n] for n in names), str(path), input_names=names,
+                              output_names=["embedding"], dynamic_axes=axes | {"embedding": {0: "batch"}},
+                              opset_version=opset, dynamo=False)
+        check(graph, path, batch, names)
+        if quantize:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(str(path), str(out / f"{name}.int8.onnx"), weight_type=QuantType.QInt8)
+        written[name] = {"file": path.name, "inputs": names, "outputs": ["embedding"]}
+    tokenizer.save_pretrained(out)
+    model.image_processor.save_pretrained(out)
+    saved = json.loads((out / "preprocessor_config.json").read_text())
+    saved["image_processor_type"] = processor_type(model.image_processor)
+    (out / "preprocessor_config.json").write_text(json.dumps(saved, indent=2))
+    (out / "runner_model.json").write_text(json.dumps({**meta, "onnx": written}, indent=2))
+    log.info("ONNX graphs written to %s (image.onnx, text.onnx%s)", out, ", int8 twins" if quantize else "")
+    return out / "image.onnx"
 
 
 def check(graph: Graph, path: Path, batch, names: list[str]) -> None:

@@ -132,17 +132,21 @@ def rgb(image, Image):
 
 # ---- decoding, in the loader workers -------------------------------------------------------------------------
 
-def pixel_values(processor, paths: list[str], rows: list[int] | None = None, where: str = "") -> torch.Tensor:
-    """The model's input tensor for these images: decoded to RGB, resized/cropped/normalized by ``processor``."""
+def pixel_values(processor, paths: list, rows: list[int] | None = None, where: str = "") -> torch.Tensor:
+    """The model's input tensor for these images (paths, or an image file's bytes): decoded to RGB, then
+    resized/cropped/normalized by ``processor``."""
+    import io
+
     from PIL import Image
 
     images = []
     for i, path in enumerate(paths):
         try:
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as image:
                 image.load()  # the pixels are read here: the file closes at the end of the block
                 images.append(rgb(image, Image))
         except Exception as err:  # noqa: BLE001  changed on disk since it was checked, or broken past its header
             row = f"row {rows[i]}: " if rows is not None else ""
+            path = f"image {i + 1} of the request" if isinstance(path, bytes) else path
             raise DataError(f"{where}{row}{path}: cannot decode this image ({type(err).__name__}: {str(err)[:120]})") from err
     return processor(images=images, return_tensors="pt")["pixel_values"]

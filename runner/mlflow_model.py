@@ -35,6 +35,18 @@ def requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("torch", "transformers", "peft", "safetensors", "mlflow", "pandas")]
 
 
+def example_image() -> str:
+    """A 32x32 PNG as base64: how a request sends an image."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def log_pyfunc(client, run_id: str, folder: Path, register: str | None = None) -> None:
     """Save the pyfunc flavour of ``folder`` and log it as the run's ``model/`` artifact (optionally registered)."""
     import mlflow
@@ -45,6 +57,9 @@ def log_pyfunc(client, run_id: str, folder: Path, register: str | None = None) -
     meta = json.loads((folder / "runner_model.json").read_text())
     if meta.get("input") == "embeddings":  # a list column; no example (its length is the model's dim)
         columns, example = [ColSpec(mlflow.types.schema.Array("double"), "embedding")], None
+    elif meta.get("kind") == "dual":  # an image (base64 of its file) and/or a text per row
+        columns = [ColSpec("string", "image", required=False), ColSpec("string", "text", required=False)]
+        example = pd.DataFrame({"image": [example_image()], "text": ["a photo of a cat"]})
     else:
         columns = [ColSpec("string", "text")] + ([ColSpec("string", "text_pair")] if meta.get("data_type") == "pair" else [])
         example = pd.DataFrame({c.name: ["a gripping, beautiful film", "the plot goes nowhere"] for c in columns})

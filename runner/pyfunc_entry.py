@@ -11,9 +11,16 @@ import pandas as pd
 
 class RunnerModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
+        from runner.artifact import read_meta
         from runner.predict import Predictor
 
-        self.predictor = Predictor(Path(context.artifacts["runner_model"]))
+        folder = Path(context.artifacts["runner_model"])
+        if read_meta(folder).get("kind") == "dual":  # images (base64 of the file) and/or texts
+            from runner.dual_inference import DualPredictor
+
+            self.predictor = DualPredictor(folder)
+        else:
+            self.predictor = Predictor(folder)
 
     # A DataFrame type hint: MLflow then relies on the explicit signature below instead of type-hint validation
     # (and does not advise adding hints after every run)
@@ -21,6 +28,8 @@ class RunnerModel(mlflow.pyfunc.PythonModel):
         import numpy as np
 
         meta, params = self.predictor.meta, params or {}
+        if meta.get("kind") == "dual":
+            return self.dual(model_input, params)
         if meta.get("input") == "embeddings":
             inputs = np.asarray(model_input["embedding"].tolist(), dtype=np.float32)
         else:
@@ -29,6 +38,28 @@ class RunnerModel(mlflow.pyfunc.PythonModel):
                 inputs.append(model_input["text_pair"].astype(str).tolist())
         outputs = self.predictor.run(inputs, embeddings=bool(params.get("embeddings", False)))
         return self.predictor.records(outputs, params.get("top_k"))
+
+
+    def dual(self, model_input: pd.DataFrame, params: dict):
+        """Rows of ``image`` (base64 of an image file) and/or ``text``; a bad image is the client's error (400)."""
+        import base64
+        import binascii
+
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from runner.errors import RunnerError
+
+        if not {"image", "text"} & set(model_input.columns):
+            raise MlflowException("send an image column (base64 of an image file) and/or a text column",
+                                  error_code=INVALID_PARAMETER_VALUE)
+        try:
+            images = ([base64.b64decode(v, validate=True) for v in model_input["image"].astype(str)]
+                      if "image" in model_input.columns else None)
+            texts = model_input["text"].astype(str).tolist() if "text" in model_input.columns else None
+            return self.predictor.run(images, texts, embeddings=bool(params.get("embeddings", False)))
+        except (binascii.Error, RunnerError) as err:
+            raise MlflowException(f"bad input: {err}", error_code=INVALID_PARAMETER_VALUE) from err
 
 
 mlflow.models.set_model(RunnerModel())

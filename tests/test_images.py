@@ -82,6 +82,37 @@ def test_dual_encoder_trains_saves_and_reloads_with_transformers(model, digits, 
     mine = torch.tensor([rows[i]["image_embedding"] for i in range(3)])
     assert torch.allclose(mine, theirs_images, atol=1e-4)
     assert torch.allclose(torch.tensor(rows[0]["text_embedding"]), theirs_text[0], atol=1e-4)
+    # ONNX: each tower, parity with PyTorch on new inputs
+    import onnxruntime
+
+    from runner.export import export_onnx
+
+    export_onnx(folder, tmp_path / "onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "image.onnx"))
+    pixels = pixel_values(processor, images)
+    assert np.abs(session.run(None, {"pixel_values": pixels.numpy()})[0] - theirs_images.numpy()).max() <= 1e-4
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "text.onnx"))
+    got = session.run(None, {k: v.numpy() for k, v in tokens.items() if k in [i.name for i in session.get_inputs()]})[0]
+    assert np.abs(got - theirs_text.numpy()).max() <= 1e-4
+    # the MLflow pyfunc: base64 images and texts in, the same embeddings out; a bad image is the client's error
+    import base64
+
+    from runner.mlflow_model import log_pyfunc
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.get_experiment_by_name("runner").experiment_id).info.run_id
+    log_pyfunc(client, run_id, folder)
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    encoded = [base64.b64encode(Path(p).read_bytes()).decode() for p in images]
+    import pandas as pd
+
+    answer = served.predict(pd.DataFrame({"image": encoded, "text": ["a handwritten digit zero"] * 3}))
+    assert torch.allclose(torch.tensor([r["image_embedding"] for r in answer]), theirs_images, atol=1e-4)
+    assert torch.allclose(torch.tensor(answer[0]["text_embedding"]), theirs_text[0], atol=1e-4)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="bad input"):
+        served.predict(pd.DataFrame({"image": [base64.b64encode(b"not an image").decode()]}))
     # zero-shot labels over given classes
     rows = predict(PredictConfig(model_dir=str(folder), input=str(digits["test"]), precision="fp32",
                                  classes=["zero", "one"], prompt="a handwritten digit {}"))
