@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import run_cli, write_triplets
+from tests.conftest import run_cli, write_triplets
 from safetensors.torch import load_file
 
 from runner.batching import ShardedBatches

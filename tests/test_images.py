@@ -317,3 +317,29 @@ def test_image_text_metrics_by_hand():
     # t2i: A -> images 0 (1.0), 2 (.6), 1 (0): first relevant rank 1; B -> image 2 (.68) first, image 1 (.0995) rank 3
     assert m["val/t2i_recall_at_1"] == pytest.approx(0.5) and m["val/t2i_mrr"] == pytest.approx((1 + 1 / 3) / 2)
     assert m["val/t2i_recall_at_5"] == 1.0
+
+
+# ---- two processes ---------------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # 30 s each: two processes, as the MNRL gathering tests
+@pytest.mark.parametrize("model,loss", [("tiny_clip", "clip"), ("tiny_siglip", "siglip")])
+def test_negatives_are_gathered_across_processes(model, loss, digits, tmp_path):
+    """Two processes with batch 16 each see the negatives of one batch of 32: the same loss step by step (within
+    1e-5) and the same weights as one process with batch 32."""
+    from tests.test_distributed import compare, train_losses, weights
+
+    args = [f"model={model}", "data=csv", "data.type=image_text", f"data.train={digits['train']}",
+            "data.text_field=caption", "hardware=cpu", "precision=fp32", "train.epochs=1", "train.progress=false",
+            "train.lr=1e-3", "train.log_every=1", "train.eval_at_start=false", "tracking.log_model=false",
+            "tracking.experiment=test", f"loss={loss}"]
+    two, one = compare(tmp_path, args, batch=16)
+    two_losses, one_losses = train_losses(tmp_path / "p2" / "mlflow.db"), train_losses(tmp_path / "p1" / "mlflow.db")
+    assert len(two_losses) == 6  # 172 training rows (192 less the validation split) in batches of 32
+    assert [v for _, v in two_losses] == pytest.approx([v for _, v in one_losses], abs=1e-5)
+    a, b = weights(two), weights(one)
+    # a key projection's bias has no effect on attention (softmax ignores a constant per query): its gradient is
+    # rounding noise, which Adam scales up to full steps, differently on each side; every other weight agrees
+    keys = [k for k in a if not k.endswith("k_proj.bias")]
+    assert len(keys) > 40
+    for key in keys:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
