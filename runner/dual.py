@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from runner.errors import RunnerError
+from runner.modes import Full, HeadOnly, Lora
 from runner.schema import ModelConfig
 
 log = logging.getLogger("runner")
@@ -55,34 +56,45 @@ class DualModel(nn.Module):
     head_outputs = None  # an embedding model: no head
     frozen_encoder = False
 
-    def __init__(self, encoder: nn.Module, locked: tuple[str, ...] = ()) -> None:
+    def __init__(self, encoder: nn.Module, frozen: tuple[str, ...] = ()) -> None:
         super().__init__()
-        self.encoder, self.locked = encoder, tuple(locked)
+        self.encoder, self.frozen = encoder, tuple(frozen)  # encoder: the transformers model (or peft around it)
         # what the text tower reads (CLIP and SigLIP take no token_type_ids; a BERT text tower in LiT does)
-        accepted = inspect.signature(encoder.text_model.forward).parameters
+        accepted = inspect.signature(self.tower("text").forward).parameters
         self.text_inputs = tuple(k for k in TEXT_INPUTS if k in accepted)
-        for tower in self.locked:
-            getattr(encoder, TOWERS[tower]).requires_grad_(False)
+        for tower in self.frozen:
+            self.tower(tower).requires_grad_(False)
+
+    def tower(self, name: str) -> nn.Module:
+        return getattr(self.transformers_model, TOWERS[name])
+
+    @property
+    def transformers_model(self) -> nn.Module:
+        """The transformers model itself (under a LoRA wrapper during training)."""
+        from peft import PeftModel
+
+        return self.encoder.base_model.model if isinstance(self.encoder, PeftModel) else self.encoder
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        return self.encoder.logit_scale
+        return self.transformers_model.logit_scale
 
     @property
     def logit_bias(self) -> torch.Tensor | None:
-        return getattr(self.encoder, "logit_bias", None)
+        return getattr(self.transformers_model, "logit_bias", None)
 
     def train(self, mode: bool = True) -> DualModel:
         super().train(mode)
-        for tower in self.locked:  # a locked tower gives the same output in training as at inference (no dropout)
-            getattr(self.encoder, TOWERS[tower]).eval()
+        for tower in self.frozen:  # a frozen tower gives the same output in training as at inference (no dropout)
+            self.tower(tower).eval()
         return self
 
     def forward(self, features: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        model = self.transformers_model  # LoRA layers sit inside it: calling it directly runs them
         if "pixel_values" in features:
-            out = self.encoder.get_image_features(pixel_values=features["pixel_values"])
+            out = model.get_image_features(pixel_values=features["pixel_values"])
         else:
-            out = self.encoder.get_text_features(**{k: v for k, v in features.items() if k in self.text_inputs})
+            out = model.get_text_features(**{k: v for k, v in features.items() if k in self.text_inputs})
         return out.pooler_output if hasattr(out, "pooler_output") else out  # transformers 5: an output object
 
     embed = forward
@@ -129,18 +141,52 @@ VISION_TYPES = ("vit", "clip_vision_model", "siglip_vision_model")
 
 
 def build(cfg: ModelConfig, mode, vocab_size: int) -> DualModel:
-    """A dual encoder to train: the mode applies to every tower not in ``model.locked``."""
+    """A dual encoder to train: the mode applies to the towers of ``mode.towers`` (default both) not in
+    ``model.locked``; the others stay as loaded. The projections and the temperature always train."""
     check_mode(mode)
-    return DualModel(load_dual(cfg, vocab_size), tuple(cfg.locked))
+    encoder = load_dual(cfg, vocab_size)
+    tuned = tuned_towers(cfg, mode)
+    frozen = tuple(t for t in TOWERS if t not in tuned or isinstance(mode, HeadOnly))
+    if isinstance(mode, Lora) and tuned:
+        encoder = with_lora(encoder, mode, tuned)
+    model = DualModel(encoder, frozen)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise RunnerError("nothing of this dual encoder would train (both towers frozen and no projections): use "
+                          "mode=full or mode=peft for a tower")
+    return model
+
+
+def tuned_towers(cfg: ModelConfig, mode) -> tuple[str, ...]:
+    return tuple(t for t in (mode.towers or TOWERS) if t not in cfg.locked)
 
 
 def check_mode(mode) -> None:
     """Checked before a run opens, and again when the model is built."""
-    from runner.modes import Full
+    if isinstance(mode, Full) and mode.freeze_layers:
+        raise RunnerError("mode.freeze_layers applies to text encoders; for a dual encoder freeze a whole tower "
+                          "(mode.towers=[vision], or model.locked=[text])")
+    if isinstance(mode, Lora) and (mode.quantize or mode.target_modules):
+        raise RunnerError("mode.quantize and mode.target_modules apply to text encoders; LoRA on a dual encoder targets "
+                          "the attention and MLP layers of the towers in mode.towers")
 
-    if not isinstance(mode, Full) or mode.freeze_layers:
-        raise RunnerError(f"dual encoders train with mode=full (the towers not in model.locked learn; model.locked="
-                          f"[text] keeps the text tower as loaded): {type(mode).__name__} is not offered for them")
+
+# The attention and MLP layers of every tower the runner offers (CLIP/SigLIP: q/k/v/out_proj, fc1/fc2; BERT, ViT:
+# query/key/value/dense), matched inside the tuned towers only
+LORA_LAYERS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "query", "key", "value", "dense")
+
+
+def with_lora(encoder: nn.Module, mode, towers: tuple[str, ...]) -> nn.Module:
+    """LoRA adapters on the attention and MLP layers of ``towers``; everything else frozen except the projections
+    and the temperature (which train as a head does). The saved folder merges them (transformers loads it)."""
+    from peft import LoraConfig, get_peft_model
+
+    pattern = rf"^({'|'.join(TOWERS[t] for t in towers)})\..*\.({'|'.join(LORA_LAYERS)})$"
+    config = LoraConfig(r=mode.r, lora_alpha=mode.alpha, lora_dropout=mode.dropout, target_modules=pattern, bias="none")
+    wrapped = get_peft_model(encoder, config)
+    for name, param in wrapped.named_parameters():
+        if any(part in name for part in ("projection", "logit_scale", "logit_bias")):
+            param.requires_grad_(True)
+    return wrapped
 
 
 # ---- the saved folder ------------------------------------------------------------------------------------------
@@ -150,7 +196,10 @@ def save(folder: Path, model: DualModel, tokenizer, processor, meta: dict) -> Pa
     runner_model.json saying how the runner tokenized and what the task was."""
     from runner.images import processor_type
 
+    from runner.modes import merged_encoder
+
     folder.mkdir(parents=True, exist_ok=True)
+    model.encoder = merged_encoder(model.encoder)  # LoRA folded into the weights: transformers' class loads it
     model.encoder.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -195,6 +244,6 @@ def text_features(tokenizer, texts: list[str], max_length: int, padding: str, pr
 def describe(model: DualModel) -> str:
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    locked = f", locked: {', '.join(model.locked)}" if model.locked else ""
+    locked = f", frozen: {', '.join(model.frozen)}" if model.frozen else ""
     return f"{model.encoder.config.model_type} dual encoder, {trained:,} of {total:,} weights train{locked}"
 

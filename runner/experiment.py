@@ -198,7 +198,8 @@ def uses_frozen_features(run: Run, data: Dataset) -> bool:
     """head_only runs its encoder once per text, unless a distillation teacher needs the tokens (or the
     data brings its embeddings)."""
     # texts on disk (runner.streaming) are not all encoded up front: the encoder runs on the batches used
-    return run.mode.frozen_encoder and not run.cfg.distill.teacher and data.train.vectors is None and not data.train.streamed
+    return (run.mode.frozen_encoder and not run.cfg.distill.teacher and data.train.vectors is None
+            and not data.train.streamed and not run.task.images)
 
 
 def job_features(run: Run, data: Dataset, tokenizer, accelerator) -> FrozenFeatures:

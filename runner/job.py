@@ -117,6 +117,8 @@ def check_any_model(run: Run, vocab_size: int) -> None:
         raise RunnerError(f"data.type={cfg.data.type.value} needs a dual encoder (model=clip, model=siglip, model=lit)"
                           if run.task.images else f"model {cfg.model.name_or_path or cfg.model.random_init.get('model_type')} "
                           f"is a dual image-text encoder: use it with data.type=image_text or data.type=image")
+    if run.mode.towers is not None and not run.task.images:
+        raise RunnerError("mode.towers applies to dual image-text encoders; a text encoder has one tower")
     if run.task.images:
         dual.check_mode(run.mode)
         if cfg.distill.teacher:

@@ -32,9 +32,17 @@ LORA_TARGETS: dict[str, list[str]] = {
 
 
 class Mode:
-    """Base class. ``frozen_encoder`` tells the model it may run the encoder without gradients."""
+    """Base class. ``frozen_encoder`` tells the model it may run the encoder without gradients. ``towers``: for a
+    dual encoder (runner/dual.py), the towers the mode applies to (the others stay as loaded); None: every one."""
 
     frozen_encoder = False
+    towers: tuple[str, ...] | None = None
+
+    def set_towers(self, towers: Sequence[str] | None) -> None:
+        unknown = sorted(set(towers or ()) - {"text", "vision"})
+        if unknown or (towers is not None and not towers):
+            raise RunnerError(f"mode.towers={list(towers or [])}: name text and/or vision (null: both)")
+        self.towers = tuple(towers) if towers is not None else None
 
     def check(self, encoder: nn.Module) -> None:
         """Raise a RunnerError if this mode cannot be applied to ``encoder`` (a weightless skeleton)."""
@@ -55,6 +63,9 @@ class HeadOnly(Mode):
 
     frozen_encoder = True
 
+    def __init__(self, towers: Sequence[str] | None = None) -> None:
+        self.set_towers(towers)
+
     def apply(self, encoder: nn.Module) -> nn.Module:
         encoder.requires_grad_(False)
         return encoder
@@ -63,10 +74,11 @@ class HeadOnly(Mode):
 class Full(Mode):
     """Train every encoder weight, except the embeddings and bottom ``freeze_layers`` layers if set."""
 
-    def __init__(self, freeze_layers: int = 0) -> None:
+    def __init__(self, freeze_layers: int = 0, towers: Sequence[str] | None = None) -> None:
         if freeze_layers < 0:
             raise RunnerError(f"mode.freeze_layers={freeze_layers} must be 0 or more")
         self.freeze_layers = freeze_layers
+        self.set_towers(towers)
 
     def check(self, encoder: nn.Module) -> None:
         if self.freeze_layers > 0 and self.freeze_layers > len(transformer_blocks(encoder)):
@@ -103,7 +115,9 @@ class Lora(Mode):
     def __init__(
         self, r: int = 8, alpha: int = 16, dropout: float = 0.1, target_modules: Sequence[str] | None = None,
         merge: bool = False, quantize: str | None = None, compute_dtype: str = "bfloat16",
+        towers: Sequence[str] | None = None,
     ) -> None:
+        self.set_towers(towers)
         if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
             raise RunnerError(f"mode: r={r} must be at least 1, alpha={alpha} positive, dropout={dropout} in [0, 1)")
         if quantize not in (None, "nf4", "fp4"):

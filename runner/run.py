@@ -186,7 +186,7 @@ def build_run(cfg: DictConfig, choices: dict[str, str]) -> Run:
                               "mode=head_only with data.type=single and no distill.teacher")
         if data.embedding_field and data.train_embeddings:
             raise RunnerError("set data.embedding_field or data.train_embeddings (a file per split), not both")
-    if mode.frozen_encoder and not task.has_head and not list(make_pooling().parameters()):
+    if mode.frozen_encoder and not task.has_head and not task.images and not list(make_pooling().parameters()):
         raise RunnerError(
             f"mode=head_only freezes the encoder, and this embedding model ({typed.data.type.value} data, no head) has "
             f"nothing else to train: use mode=full or mode=peft, or pooling=weighted (learned layer weights)"

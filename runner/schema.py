@@ -124,17 +124,20 @@ class PoolingConfig:
 @dataclass
 class HeadOnlyModeConfig:
     _target_: str = "runner.modes.HeadOnly"
+    towers: list[str] | None = None  # dual encoders: the towers the mode applies to (others frozen); null: both
 
 
 @dataclass
 class FullModeConfig:
     _target_: str = "runner.modes.Full"
     freeze_layers: int = 0
+    towers: list[str] | None = None
 
 
 @dataclass
 class PeftModeConfig:
     _target_: str = "runner.modes.Lora"
+    towers: list[str] | None = None
     r: int = 8
     alpha: int = 16
     dropout: float = 0.1

@@ -343,3 +343,33 @@ def test_negatives_are_gathered_across_processes(model, loss, digits, tmp_path):
     assert len(keys) > 40
     for key in keys:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
+
+
+# ---- modes per tower -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,trained,frozen,start", [
+    ("mode=full mode.towers=[vision]", "vision_model", "text_model", "mode=head_only"),
+    ("mode=peft mode.towers=[text]", "text_model", "vision_model", "mode=head_only"),
+    ("mode=head_only", "visual_projection", "vision_model", "mode=full mode.towers=[text]"),
+])
+def test_modes_apply_per_tower(mode, trained, frozen, start, digits, tmp_path, capsys):
+    """The mode's towers learn (LoRA merged into the saved weights), the others are bit-identical to the starting
+    weights (the same seed: a run in which that tower was frozen too saved them)."""
+    from safetensors.torch import load_file
+
+    assert run_cli(base(tmp_path / "a", "tiny_clip", digits["train"], "train.epochs=1", *start.split()), capsys)[0] == 0
+    code, out = run_cli(base(tmp_path / "b", "tiny_clip", digits["train"], "train.epochs=1", *mode.split()), capsys)
+    assert code == 0, out
+    before = load_file(tmp_path / "a" / "run" / "model" / "model.safetensors")
+    after = load_file(tmp_path / "b" / "run" / "model" / "model.safetensors")
+    assert before.keys() == after.keys()  # LoRA merged: the saved folder is a plain CLIPModel
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith(trained) for k in changed)
+    assert not any(k.startswith(frozen) for k in changed)
+    if "peft" in mode:
+        assert any("q_proj" in k for k in changed if k.startswith("text_model"))
+
+
+def test_mode_towers_is_for_dual_encoders(tiny_overrides, capsys):
+    code, out = run_cli([*tiny_overrides, "mode.towers=[text]"], capsys)
+    assert code == 1 and "mode.towers applies to dual image-text encoders" in out
