@@ -73,6 +73,14 @@ def save_trained(run: Run, model: TextModel | VectorModel, tokenizer, label_name
         meta = {"format_version": FORMAT_VERSION, **task, "labels": label_names, "prompt": cfg.task.prompt,
                 "max_length": cfg.model.max_length, "text_prefix": cfg.model.text_prefix,
                 "text_padding": cfg.model.text_padding}
+        if isinstance(model, VectorModel):  # a linear probe: the dual encoder as loaded, the head beside it
+            from runner.image_features import frozen_dual
+
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file({f"head.{k}": v.contiguous() for k, v in model.head.state_dict().items()}, folder / "head.safetensors")
+            meta["head"] = {"type": "linear", "in_features": model.dim, "out_features": model.head_outputs}
+            meta["normalize"] = model.normalize
+            model = frozen_dual(run, len(tokenizer))
         saved = dual.save(folder, model, tokenizer, image_processor(run), meta)
         (saved / "config.yaml").write_text(run.config_yaml)
     elif isinstance(model, VectorModel):

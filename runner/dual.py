@@ -231,7 +231,27 @@ def load_saved(folder: Path, meta: dict):
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     model = DualModel(encoder).eval()
     model.image_processor = load_processor(str(folder), None)
+    model.head = saved_head(folder, meta) if meta.get("head") else None
     return model, tokenizer
+
+
+def saved_head(folder: Path, meta: dict) -> nn.Module:
+    """A linear probe's classifier (head.safetensors), checked like any saved head."""
+    from safetensors.torch import load_file
+
+    from runner import trust
+
+    spec = meta["head"]
+    head = nn.Linear(spec["in_features"], spec["out_features"])
+    if len(meta.get("labels") or []) != spec["out_features"]:
+        raise RunnerError(f"{folder}/runner_model.json: {len(meta.get('labels') or [])} labels for a head of "
+                          f"{spec['out_features']} outputs")
+    path = folder / "head.safetensors"
+    trust.check_safetensors(path)
+    weights = load_file(path)
+    trust.check_tensors(weights, {f"head.1.{k}": v for k, v in head.state_dict().items()}, path)
+    head.load_state_dict({k[len("head.1."):]: v for k, v in weights.items()})
+    return head.eval()
 
 
 def text_features(tokenizer, texts: list[str], max_length: int, padding: str, prefix: str = "") -> dict:

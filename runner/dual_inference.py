@@ -84,6 +84,8 @@ def evaluate(cfg, folder: Path, meta: dict, model, tokenizer) -> dict:
         captions = [captions[i] for i in labels]
     else:
         captions = frame["text1"].tolist()
+    if model.head is not None:  # a linear probe: the head on the image embeddings
+        return evaluate_probe(cfg, folder, meta, model, frame, labels, names)
     settings = TextSettings(meta)
     task.prepare(tokenizer, names, settings)
     split = batching.ImageSplit(model.image_processor, tokenizer, frame["text0"].tolist(), captions, labels,
@@ -94,6 +96,16 @@ def evaluate(cfg, folder: Path, meta: dict, model, tokenizer) -> dict:
     with torch.inference_mode():
         metrics, report = task.evaluate(model, loader, accelerator, cfg.split, names, split.text_ids.numpy())
     return {"metrics": metrics, "report": report, "model_dir": str(folder), "rows": len(split)}
+
+
+def evaluate_probe(cfg, folder: Path, meta: dict, model, frame, labels, names) -> dict:
+    from runner.schema import TaskConfig
+    from runner.tasks import LinearProbe
+
+    predictor = DualPredictor.around(model, meta, cfg.precision)
+    logits = predictor.probe_logits(frame["text0"].tolist(), cfg.batch_size or 64)
+    metrics, report = LinearProbe(TaskConfig()).score([logits.numpy()], labels, cfg.split, names)
+    return {"metrics": metrics, "report": report, "model_dir": str(folder), "rows": len(frame)}
 
 
 class TextSettings:
@@ -116,10 +128,31 @@ class DualPredictor:
         from runner.model import quiet_libraries
 
         quiet_libraries()
-        self.model, self.tokenizer, self.meta = load_model(folder)
-        self.settings = TextSettings(self.meta)
-        self.accelerator = accelerator_for(self.meta, precision)
-        self.model = self.model.to(self.accelerator.device)
+        model, self.tokenizer, meta = load_model(folder)
+        self.setup(model, meta, precision)
+
+    def setup(self, model, meta: dict, precision: str) -> None:
+        self.meta, self.settings = meta, TextSettings(meta)
+        self.accelerator = accelerator_for(meta, precision)
+        self.model = model.to(self.accelerator.device)
+
+    @classmethod
+    def around(cls, model, meta: dict, precision: str) -> DualPredictor:
+        """A predictor of an already loaded model (runner.evaluate)."""
+        predictor = cls.__new__(cls)
+        predictor.setup(model, meta, precision)
+        return predictor
+
+    def probe_logits(self, images: list, batch_size: int):
+        """A linear probe's class logits for images (its head on the image embeddings)."""
+        import torch
+
+        with torch.inference_mode(), self.accelerator.autocast():
+            vectors = self.embed_images(images, batch_size)
+        if self.meta.get("normalize"):
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        with torch.inference_mode():
+            return self.model.head.to(vectors.device)(vectors)
 
     def embed_images(self, images: list, batch_size: int):
         import torch
@@ -150,6 +183,12 @@ class DualPredictor:
 
         names = list(classes or self.meta.get("labels") or [])
         rows: list[dict] = [{} for _ in range(len(images if images is not None else texts or []))]
+        if self.model.head is not None:  # a linear probe: its own classes, from its head
+            if classes or prompt:
+                raise RunnerError("this model is a linear probe: its classes are its head's; drop classes= and prompt=")
+            if texts is not None:
+                raise RunnerError("a linear probe classifies images: give an image column, not texts")
+            return self.probe_rows(images, embeddings, batch_size)
         with torch.inference_mode(), self.accelerator.autocast():
             if images is not None:
                 vectors = self.embed_images(images, batch_size)
@@ -173,6 +212,23 @@ class DualPredictor:
         return rows
 
 
+    def probe_rows(self, images: list | None, embeddings: bool, batch_size: int) -> list[dict]:
+        if images is None:
+            raise RunnerError("a linear probe classifies images: give an image column")
+        probabilities = self.probe_logits(images, batch_size).float().softmax(-1)
+        names = self.meta["labels"]
+        rows = [{"label": names[int(p.argmax())], "probabilities": {str(n): round(float(x), 6) for n, x in zip(names, p)}}
+                for p in probabilities]
+        if embeddings:
+            import torch
+
+            with torch.inference_mode(), self.accelerator.autocast():
+                vectors = self.embed_images(images, batch_size)
+            for row, vector in zip(rows, vectors):
+                row["image_embedding"] = [round(float(x), 6) for x in vector]
+        return rows
+
+
 def predict(cfg, folder: Path, meta: dict) -> list[dict]:
     """``runner.predict`` for a dual encoder: ``input`` (image paths in data.image_field and/or texts in
     data.text_field) or ``text=``; rows as :class:`DualPredictor` gives them, with their image path and text."""
@@ -184,6 +240,8 @@ def predict(cfg, folder: Path, meta: dict) -> list[dict]:
         raise RunnerError("give input=FILE (a table with an image column, a text column, or both) or text=...")
     else:
         images, texts = columns_of(folder, meta, cfg)
+        if meta.get("head") and images is not None:
+            texts = None  # a linear probe reads the images only (a caption column beside them is not its input)
     rows = DualPredictor(folder, cfg.precision).run(images, texts, cfg.classes, cfg.prompt, cfg.embeddings,
                                                    cfg.batch_size)
     given = [("image", images), ("text", texts)]

@@ -158,7 +158,7 @@ def dataset_of(run: Run, split, tokenizer, frozen: FrozenFeatures | None, label_
     """Token ids of a split's texts, or rows of the frozen features (head_only)."""
     task, joint = run.task, run.task.joint and len(split.columns) == 2
     targets = task.scale_targets(split.labels)
-    if task.images:  # paths and captions (data.type=image: each class's prompt is the caption)
+    if task.images and split.vectors is None:  # paths and captions (data.type=image: each class's prompt is the caption)
         captions = split.columns[1] if len(split.columns) > 1 else [task.prompts(label_names)[i] for i in split.labels]
         model = run.cfg.model
         return batching.ImageSplit(image_processor(run), tokenizer, split.columns[0], captions, targets,

@@ -27,6 +27,7 @@ from runner.report import run_report
 from runner.schema import DataConfig
 from runner.signals import STOP
 from runner.spec import Run
+from runner.tasks import LinearProbe
 from runner.tracking import Tracker, check_backends, default_uri, make_mirrors
 
 log = logging.getLogger("runner")
@@ -82,6 +83,10 @@ def execute(run: Run) -> float:
         tokenizer = reuse.shared("tokenizer", cfg.model, lambda: load_tokenizer(cfg.model), source)
         reuse.shared("checked-model", [cfg.model, cfg.mode, len(tokenizer), run.make_pooling().layers, run.task.images],
                      lambda: check_any_model(run, len(tokenizer)) or True, cfg.model.name_or_path)
+    if isinstance(run.task, LinearProbe):  # a head on the frozen image tower's embeddings, through the cache
+        from runner.image_features import attach_vectors
+
+        attach_vectors(run, data, len(tokenizer), accelerator)
     check_teacher(cfg.distill.teacher)
     if cfg.tracking.enabled and accelerator.is_main_process:
         check_backends(cfg.tracking.backends)

@@ -163,19 +163,19 @@ def build_run(cfg: DictConfig, choices: dict[str, str]) -> Run:
     problems = schema.check_values(typed)
     if problems:
         raise RunnerError("; ".join(problems))
-    task = make_task(typed.data.type, typed.task)
-    if task.default_objective and objective.metric == "val/accuracy" and "accuracy" not in task.metric_names:
-        # the schema's default names a classifier's metric: this task reports another (logged with the run)
-        log.info("objective: %s (this task reports no accuracy; set objective.metric to choose another)",
-                 task.default_objective)
-        objective.metric = task.default_objective
-        cfg.objective.metric = task.default_objective  # config.yaml says what ran
-    loss_cfg = cfg.loss if cfg.loss is not None else OmegaConf.create(task.default_loss)
     try:
-        make_loss = instantiate(loss_cfg, _partial_=True, _execution_whitelist_=TARGETS)
         make_pooling = instantiate(cfg.pooling, _partial_=True, _execution_whitelist_=TARGETS)
         mode = instantiate(cfg.mode, _execution_whitelist_=TARGETS)
         strategy = instantiate(cfg.hardware.strategy, _execution_whitelist_=TARGETS) if cfg.hardware.strategy else None
+        task = make_task(typed.data.type, typed.task, frozen=mode.frozen_encoder)
+        if task.default_objective and objective.metric == "val/accuracy" and "accuracy" not in task.metric_names:
+            # the schema's default names a classifier's metric: this task reports another (logged with the run)
+            log.info("objective: %s (this task reports no accuracy; set objective.metric to choose another)",
+                     task.default_objective)
+            objective.metric = task.default_objective
+            cfg.objective.metric = task.default_objective  # config.yaml says what ran
+        loss_cfg = cfg.loss if cfg.loss is not None else OmegaConf.create(task.default_loss)
+        make_loss = instantiate(loss_cfg, _partial_=True, _execution_whitelist_=TARGETS)
     except InstantiationException as err:  # a component refused its arguments: its own message says why
         cause = err.__cause__
         raise RunnerError(str(cause) if isinstance(cause, (RunnerError, ValueError)) else str(err)) from err

@@ -12,6 +12,7 @@ pair               bi              score/0-1   PairSimilar   pearson, spearman (
 triplet            -               -           Retrieve      triplet_accuracy, mrr_at_10, recall_at_1/10, ndcg_at_10
 image_text         dual encoder    -           ImageText     i2t/t2i recall_at_1/5/10, mrr, mean_recall
 image              dual encoder    class       ZeroShot      accuracy, f1 ... (class prompts, task.prompt)
+image, head_only   dual encoder    class       LinearProbe   as single (a linear head on frozen image embeddings)
 =================  ==============  ==========  ============  ======================================
 """
 
@@ -266,6 +267,13 @@ class ZeroShot(ImageText):
         return Classify.positive_index(self, label_names)
 
 
+class LinearProbe(Classify):
+    """Images and their classes with every tower frozen (``mode=head_only``): a linear classifier on the image
+    tower's embeddings, computed once per image through the feature cache (runner.image_features)."""
+
+    images = True
+
+
 def scatter_points(predicted: np.ndarray, true: np.ndarray, name: str) -> dict:
     """What the predicted-vs-true picture of a split needs (runner/report.py)."""
     return {"predicted": [round(float(x), 5) for x in predicted], "true": [round(float(x), 5) for x in true],
@@ -280,8 +288,9 @@ def scale_scores(labels: np.ndarray | None, score_range) -> np.ndarray | None:
     return ((labels - low) / (high - low)).astype(np.float32)
 
 
-def make_task(data_type: DataType, cfg: TaskConfig) -> Task:
-    """The task for a data type, architecture and target (a lookup table, see the module docstring)."""
+def make_task(data_type: DataType, cfg: TaskConfig, frozen: bool = False) -> Task:
+    """The task for a data type, architecture and target (a lookup table, see the module docstring); ``frozen``:
+    the mode trains no encoder weight (image classes are then a linear probe)."""
     if data_type == DataType.triplet:
         return Retrieve(cfg)
     if data_type == DataType.image_text:
@@ -289,7 +298,7 @@ def make_task(data_type: DataType, cfg: TaskConfig) -> Task:
     if data_type == DataType.image:
         if cfg.multi_label or cfg.target == Target.score:
             raise RunnerError("data.type=image is classification by class prompts: drop task.multi_label / task.target")
-        return ZeroShot(cfg)
+        return LinearProbe(cfg) if frozen else ZeroShot(cfg)
     if data_type == DataType.pair and cfg.architecture == Architecture.bi:
         if cfg.multi_label:
             raise RunnerError("task.multi_label needs a head: use task.architecture=cross for pairs")

@@ -32,7 +32,7 @@ META_LIMIT = 1 << 20  # runner_model.json: a few KB in practice (labels included
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 ENCODER_DIRS = (".", "encoder", "adapter", "base")
 TOKENIZER_DIRS = (".", "tokenizer")
-TASKS = ("Classify", "MultiLabel", "Regress", "PairSimilarity", "Retrieve", "ImageText", "ZeroShot")
+TASKS = ("Classify", "MultiLabel", "Regress", "PairSimilarity", "Retrieve", "ImageText", "ZeroShot", "LinearProbe")
 DUAL_TYPES = ("clip", "siglip", "vision-text-dual-encoder")  # runner.dual.model_classes
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$")
 

@@ -373,3 +373,29 @@ def test_modes_apply_per_tower(mode, trained, frozen, start, digits, tmp_path, c
 def test_mode_towers_is_for_dual_encoders(tiny_overrides, capsys):
     code, out = run_cli([*tiny_overrides, "mode.towers=[text]"], capsys)
     assert code == 1 and "mode.towers applies to dual image-text encoders" in out
+
+
+def test_a_linear_probe_trains_a_head_on_cached_image_embeddings(digits, tmp_path, capsys):
+    """data.type=image mode=head_only: a linear classifier on the frozen image tower, its embeddings computed once
+    (the second job reads the cache); saved with the dual encoder, it predicts and evaluates images."""
+    from runner.evaluate import EvaluateConfig, evaluate
+    from runner.predict import PredictConfig, predict
+
+    args = base(tmp_path, "tiny_clip", digits["train"], "data.type=image", "data.label_field=label", "mode=head_only",
+                f"data.test={digits['test']}", "train.epochs=20", "train.lr=1e-2", f"cache.dir={tmp_path / 'cache'}")
+    code, out = run_cli(args, capsys)
+    assert code == 0, out
+    assert "frozen image tower: 256 images embedded, 0 from the cache" in out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.search_runs([client.get_experiment_by_name("runner").experiment_id])[0].info.run_id
+    losses = [m.value for m in sorted(client.get_metric_history(run_id, "val/loss"), key=lambda m: m.step)]
+    assert losses[-1] < losses[0] - 0.1  # the head learns (on a random tiny tower: no more is promised)
+    code, out = run_cli([*args, f"output_dir={tmp_path / 'again'}"], capsys)
+    assert code == 0 and "0 images embedded, 256 from the cache" in out
+    folder = tmp_path / "run" / "model"
+    rows = predict(PredictConfig(model_dir=str(folder), input=str(digits["test"]), precision="fp32"))
+    assert len(rows) == 64 and rows[0]["label"] in WORDS
+    result = evaluate(EvaluateConfig(model_dir=str(folder), tracking=False, data={"test": str(digits["test"])},
+                                     progress=False, precision="fp32"))
+    assert result["metrics"]["test/accuracy"] == pytest.approx(metrics["test/accuracy"], abs=1 / 64)
