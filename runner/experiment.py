@@ -67,7 +67,7 @@ def fit_and_evaluate(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
                             run.make_pooling().normalize)
     else:
         model = build_model(run, len(tokenizer), task.num_outputs(data.label_names), frozen.encoder if frozen else None)
-    loss_fn = make_loss(run, model, data)
+    loss_fn = make_loss(run, model, data, tokenizer)
     # fused AdamW: one kernel per step instead of a loop over tensors (the Hugging Face Trainer's default too)
     optimizer = torch.optim.AdamW(param_groups(model, train_cfg.lr, train_cfg.head_lr, train_cfg.weight_decay), fused=True)
     total = total_steps(train_cfg, len(train_loader))  # optimizer steps of the whole training
@@ -247,10 +247,15 @@ def resume_point(resume: str, roots: Path) -> Path | None:
     return found
 
 
-def make_loss(run: Run, model: TextModel, data: Dataset):
+def make_loss(run: Run, model: TextModel, data: Dataset, tokenizer=None):
     """The configured loss (or the task's default), prepared on the training targets, with distillation."""
     loss_fn = run.make_loss()
     loss_fn.prepare(data.train.labels)
+    if run.cfg.distill.teacher and run.task.images:
+        from runner.distill import ImageTextDistillation, dual_teacher
+
+        teacher = dual_teacher(run.cfg.distill, model, image_processor(run), tokenizer)
+        return ImageTextDistillation(loss_fn, teacher, run.cfg.distill)
     if run.cfg.distill.teacher:
         teacher, on_logits = make_teacher(run.cfg.distill, model, lambda name: encoder_model(run, name))
         loss_fn = Distillation(loss_fn, teacher, run.cfg.distill, on_logits)

@@ -126,11 +126,14 @@ def check_any_model(run: Run, vocab_size: int) -> None:
         raise RunnerError("mode.towers applies to dual image-text encoders; a text encoder has one tower")
     if run.task.images:
         dual.check_mode(run.mode)
-        if cfg.distill.teacher:
-            raise RunnerError("distillation into a dual encoder is not offered: drop distill.teacher")
         from runner.experiment import image_processor
 
-        image_processor(run)  # a folder without processor settings is an input error, found before MLflow opens
+        processor = image_processor(run)  # a folder without processor settings is an input error, found before MLflow opens
+        if cfg.distill.teacher not in (None, "self"):
+            from runner.distill import dual_teacher
+            from runner.model import load_tokenizer
+
+            dual_teacher(cfg.distill, None, processor, load_tokenizer(cfg.model))
         return
     check_model(cfg.model, vocab_size, run.mode, run.make_pooling().layers)
 

@@ -399,3 +399,23 @@ def test_a_linear_probe_trains_a_head_on_cached_image_embeddings(digits, tmp_pat
     result = evaluate(EvaluateConfig(model_dir=str(folder), tracking=False, data={"test": str(digits["test"])},
                                      progress=False, precision="fp32"))
     assert result["metrics"]["test/accuracy"] == pytest.approx(metrics["test/accuracy"], abs=1 / 64)
+
+
+def test_a_dual_encoder_learns_from_a_teacher_dual_encoder(digits, tmp_path, capsys):
+    """distill.teacher: a saved dual encoder (or self); its batch similarity distributions join the loss, logged as
+    train/distill; a teacher that reads other pixels is refused before training."""
+    assert run_cli(base(tmp_path / "t", "tiny_clip", digits["train"], "train.epochs=1"), capsys)[0] == 0
+    teacher = tmp_path / "t" / "run" / "model"
+    code, out = run_cli(base(tmp_path / "s", "tiny_clip", digits["train"], "train.epochs=1", f"distill.teacher={teacher}",
+                             "distill.alpha=0.5", "train.log_every=1",
+                             "model.random_init.projection_dim=16"), capsys)  # another embedding size than the teacher's
+    assert code == 0, out
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 's' / 'mlflow.db'}")
+    run_id = client.search_runs([client.get_experiment_by_name("runner").experiment_id])[0].info.run_id
+    distill = [m.value for m in client.get_metric_history(run_id, "train/distill")]
+    assert len(distill) >= 5 and all(v >= 0 for v in distill) and any(v > 0 for v in distill)
+    code, out = run_cli(base(tmp_path / "x", "tiny_clip", digits["train"], "train.epochs=1", f"distill.teacher={teacher}",
+                             "model.image_processor.crop_size.height=24", "model.image_processor.crop_size.width=24"),
+                        capsys)
+    assert code == 1 and "preprocesses images otherwise than the student" in out
+    assert not (tmp_path / "x" / "mlflow.db").exists()  # refused before any run opened
