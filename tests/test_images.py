@@ -419,3 +419,18 @@ def test_a_dual_encoder_learns_from_a_teacher_dual_encoder(digits, tmp_path, cap
                         capsys)
     assert code == 1 and "preprocesses images otherwise than the student" in out
     assert not (tmp_path / "x" / "mlflow.db").exists()  # refused before any run opened
+
+
+def test_images_decode_in_loader_workers_and_sweeps_run(digits, tmp_path, capsys):
+    """hardware.num_workers=2: the collator (image decoding) runs in worker processes, with the same metrics as in
+    the main process; a --multirun sweep over the learning rate runs one job per value."""
+    args = base(tmp_path, "tiny_clip", digits["train"], "train.epochs=1")
+    assert run_cli(args, capsys)[0] == 0
+    inline = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert run_cli([*args, "hardware.num_workers=2", f"output_dir={tmp_path / 'workers'}"], capsys)[0] == 0
+    workers = json.loads((tmp_path / "workers" / "metrics.json").read_text())["metrics"]
+    assert workers == pytest.approx(inline, abs=1e-6)
+    sweep = [a for a in args if not a.startswith("output_dir=")]
+    code, out = run_cli(["--multirun", *sweep, "train.lr=1e-3,1e-4", f"hydra.sweep.dir={tmp_path / 'sweep'}"], capsys)
+    assert code == 0, out
+    assert len(list((tmp_path / "sweep").glob("*/metrics.json"))) == 2
