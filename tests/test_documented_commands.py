@@ -139,6 +139,10 @@ def sandbox_files(folder: Path) -> None:
     write_csv(folder / "pairs.tsv", [(t, t[::-1]) for t, _ in make_sentences(10, 6)], header=("q", "a"))
     (folder / "pairs.tsv").write_text((folder / "pairs.tsv").read_text().replace(",", "\t"))
     shipped_layouts(folder)
+    from runner import sample_images
+
+    sample_images.digits(folder)  # pairs.csv, heldout.csv and digits/: the images the README's image commands name
+    sample_images.emoji(folder / "emoji")
 
 
 def shipped_layouts(folder: Path) -> None:
@@ -189,6 +193,7 @@ LOCAL = {
                       "data.test={D}/snli/triplets_test.jsonl"],
 }
 EXPERIMENT_DATA = {"sst2_peft": "sst2", "stsb_bi": "stsb", "trec_kfold_search": "trec"}
+TINY_DUAL = {"clip": "tiny_clip", "siglip": "tiny_siglip"}
 SHORT = ["train.max_steps=2", "train.eval_at_start=false", "data.max_train_samples=200", "tracking.log_model=false"]
 
 
@@ -196,7 +201,8 @@ def runnable(command: str, models: dict[str, str]) -> list[str]:
     """The argv that runs ``command`` here: placeholders filled, large models and hub data swapped for tiny
     and local equivalents, training shortened."""
     text = command.replace("$D", str(SHARED_DATA)).replace("../shared/data", str(SHARED_DATA))
-    text = text.replace("outputs/runs/<date>/<time>/model", models["single"])
+    images = any(k in text for k in ("data.type=image", "heldout.csv", "output=onnx_towers"))
+    text = text.replace("outputs/runs/<date>/<time>/model", models["image" if images else "single"])
     text = text.replace("runs:/<mlflow run id>", f"runs:/{models['run_id']}")
     args = shlex.split(text)
     if args[:3] == ["python", "-m", "runner"] or args[0] == "runner":
@@ -207,7 +213,7 @@ def runnable(command: str, models: dict[str, str]) -> list[str]:
         args = [str(Path(sys.executable).parent / "accelerate"), *args[1:]]
     tool = args[2] if args[1] == "-m" else args[args.index("-m") + 1]
     if tool in ("runner.predict", "runner.evaluate", "runner.export"):
-        model = models["pair"] if "pairs" in text else models["single"]
+        model = models["image"] if images else models["pair"] if "pairs" in text else models["single"]
         args = [a.replace("model_dir=DIR", f"model_dir={model}") for a in args]
         if tool != "runner.export":
             args.append(f"tracking_uri={models['uri']}") if "runs:/" in text else None
@@ -218,7 +224,9 @@ def runnable(command: str, models: dict[str, str]) -> list[str]:
     out, data, large = [], None, False
     for arg in args:
         key, _, value = arg.partition("=")
-        if key == "model" and value not in ("tiny", "minilm"):
+        if key == "model" and value in TINY_DUAL:
+            arg, large = f"model={TINY_DUAL[value]}", True  # CLIP, SigLIP from the hub: their tiny random twins
+        elif key == "model" and value not in ("tiny", "minilm", "lit"):
             arg, large = "model=tiny", True  # e5, bge_small, ...: hub models, unreachable here
         elif key in ("data",) and value in LOCAL:
             data = value
@@ -248,21 +256,24 @@ def sandbox(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def models(sandbox) -> dict[str, str]:
-    """A LoRA classifier (predict, evaluate, export onnx and merged) and a pair bi-encoder, trained by the CLI."""
+    """A LoRA classifier (predict, evaluate, export onnx and merged), a pair bi-encoder and a tiny CLIP on the
+    digits, trained by the CLI."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     uri = f"sqlite:///{sandbox / 'trained' / 'mlflow.db'}"
     (sandbox / "trained").mkdir()
-    for name, extra in (("single", ["mode=peft", "data.train=train.csv", "data.validation=dev.csv"]),
-                        ("pair", ["data.train=SICK.txt", "data.type=pair", "data.text_fields=[sentence_A,sentence_B]",
+    for name, extra in (("single", ["model=tiny", "mode=peft", "data.train=train.csv", "data.validation=dev.csv"]),
+                        ("pair", ["model=tiny", "data.train=SICK.txt", "data.type=pair", "data.text_fields=[sentence_A,sentence_B]",
                                   "data.label_field=relatedness_score", "task.target=score", "task.score_range=[1,5]",
-                                  "objective.metric=val/spearman", "data.validation_split=0.2"])):
-        done = subprocess.run([sys.executable, "-m", "runner", "model=tiny", "data=csv", *extra, "train.max_steps=4",
+                                  "objective.metric=val/spearman", "data.validation_split=0.2"]),
+                        ("image", ["model=tiny_clip", "data.type=image_text", "data.train=pairs.csv",
+                                   "data.text_field=caption"])):
+        done = subprocess.run([sys.executable, "-m", "runner", "data=csv", *extra, "train.max_steps=4",
                                f"hydra.run.dir={sandbox / 'trained' / name}", f"tracking.uri={uri}"],
                               cwd=sandbox, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr
     run_id = json.loads((sandbox / "trained" / "single" / "mlflow_run.json").read_text())["run_id"]
     return {"single": str(sandbox / "trained" / "single" / "model"), "pair": str(sandbox / "trained" / "pair" / "model"),
-            "run_id": run_id, "uri": uri}
+            "image": str(sandbox / "trained" / "image" / "model"), "run_id": run_id, "uri": uri}
 
 
 def test_the_documented_commands_are_found():
