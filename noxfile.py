@@ -38,6 +38,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_predict.py", "--backends", "torch,onnx")
     session.run("python", "benchmarks/bench_big_file.py")  # 10,000,000-row csv, peak RSS
     session.run("python", "benchmarks/bench_folder.py")  # 100,000 files, one per example, vs sklearn load_files
+    session.run("python", "benchmarks/bench_images.py")  # model=lit, 10,000 image files, vs a hand-written loop
     session.run("python", "benchmarks/bench_processes.py")  # 1 vs 2 CPU processes (DDP, gloo)
     session.run("python", "benchmarks/bench_search.py")  # a trial on cached features; pruned vs unpruned search
     session.run("python", "benchmarks/readme_table.py")  # the README's performance tables from results.json
