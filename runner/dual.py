@@ -195,7 +195,6 @@ def save(folder: Path, model: DualModel, tokenizer, processor, meta: dict) -> Pa
     """A folder transformers loads as it is (``CLIPModel.from_pretrained(folder)``, ``AutoProcessor``), plus
     runner_model.json saying how the runner tokenized and what the task was."""
     from runner.images import processor_type
-
     from runner.modes import merged_encoder
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ def file_key(path: str) -> str:
 
 
 def split_vectors(model, processor, paths: list[str], setting: str, cache: Path | None, accelerator, batch_size: int,
-                  counts: dict) -> "np.ndarray":  # noqa: F821
+                  counts: dict) -> np.ndarray:  # noqa: F821
     """Embeddings of ``paths`` in order: one cache file per split's set of files (safetensors), else computed."""
     import numpy as np
     from safetensors.numpy import load_file, save_file

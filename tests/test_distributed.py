@@ -12,10 +12,10 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from tests.conftest import run_cli, write_triplets
 from safetensors.torch import load_file
 
 from runner.batching import ShardedBatches
+from tests.conftest import run_cli, write_triplets
 
 # no dropout anywhere: two processes draw other masks than one, and the comparison is of the arithmetic
 NO_DROPOUT = ["+model.random_init.hidden_dropout_prob=0.0", "+model.random_init.attention_probs_dropout_prob=0.0",
