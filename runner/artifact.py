@@ -68,7 +68,7 @@ def save_trained(run: Run, model: TextModel | VectorModel, tokenizer, label_name
         model.encoder = merged_encoder(model.encoder)
     if getattr(run.task, "images", False):
         from runner import dual
-        from runner.experiment import image_processor
+        from runner.images import processor_for
 
         meta = {"format_version": FORMAT_VERSION, **task, "labels": label_names, "prompt": cfg.task.prompt,
                 "max_length": cfg.model.max_length, "text_prefix": cfg.model.text_prefix,
@@ -81,7 +81,7 @@ def save_trained(run: Run, model: TextModel | VectorModel, tokenizer, label_name
             meta["head"] = {"type": "linear", "in_features": model.dim, "out_features": model.head_outputs}
             meta["normalize"] = model.normalize
             model = frozen_dual(run, len(tokenizer))
-        saved = dual.save(folder, model, tokenizer, image_processor(run), meta)
+        saved = dual.save(folder, model, tokenizer, processor_for(cfg.model), meta)
         (saved / "config.yaml").write_text(run.config_yaml)
     elif isinstance(model, VectorModel):
         saved = save_vector_model(folder, model, label_names, run.config_yaml, task)

@@ -853,3 +853,25 @@ def drawn_rows(labels: np.ndarray | None, rows: int, fraction: float, seed: int)
     parts = [rng.choice(order[start:end], size=max(1, round((end - start) * fraction)), replace=False)
              for start, end in zip(np.concatenate([[0], bounds[:-1]]), bounds) if end > start]
     return np.concatenate(parts)
+
+
+def reading_config(folder: Path, meta: dict, input_path, overrides: dict) -> DataConfig:
+    """The training run's data reading options (its config.yaml), the input as data.train (a file, a folder or
+    a mapping label -> source), user overrides."""
+    from omegaconf import OmegaConf
+
+    from runner import trust
+
+    saved = trust.read_saved_config(folder).get("data") or {}
+    if not isinstance(saved, dict):
+        raise DataError(f"{folder}/config.yaml: data is not a mapping of reading options")
+    keep = {k: v for k, v in saved.items()
+            if k not in ("train", "validation", "test", "hub", "split_field", "split_values", "max_train_samples",
+                         "train_embeddings", "validation_embeddings", "test_embeddings", "label_names")}
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        saved_options = OmegaConf.merge(OmegaConf.structured(DataConfig), keep)
+    except (OmegaConfBaseException, ValueError) as err:
+        raise DataError(f"{folder}/config.yaml: its data options are not valid ({str(err).splitlines()[0]})") from err
+    return OmegaConf.to_object(OmegaConf.merge(saved_options, overrides, {"train": input_path}))

@@ -160,6 +160,30 @@ def tuned_towers(cfg: ModelConfig, mode) -> tuple[str, ...]:
     return tuple(t for t in (mode.towers or TOWERS) if t not in cfg.locked)
 
 
+def check(cfg: ModelConfig, vocab_size: int) -> None:
+    """What the config alone says is wrong, before any weight loads: texts longer than the text tower's positions
+    (an index error mid-run), token ids past its embedding table."""
+    from transformers import AutoConfig
+
+    from runner.model import load_config
+
+    if cfg.vision_init:
+        text = load_config(dataclasses.replace(cfg, vision_init=None), vocab_size)
+    elif cfg.random_init:
+        options = dict(cfg.random_init)
+        text = AutoConfig.for_model(options.pop("model_type"), **options).text_config
+    else:
+        text = load_config(cfg, vocab_size).text_config
+    limit = getattr(text, "max_position_embeddings", None)
+    if limit and cfg.max_length > limit:
+        raise RunnerError(f"model.max_length={cfg.max_length} but this text tower takes at most {limit} tokens: set "
+                          f"model.max_length to {limit} or less")
+    rows = getattr(text, "vocab_size", None)
+    if rows and vocab_size > rows:
+        raise RunnerError(f"the tokenizer has {vocab_size:,} tokens but the text tower {rows:,} embedding rows: use the "
+                          f"model's own tokenizer (model.tokenizer=null) or one whose vocabulary fits")
+
+
 def check_mode(mode) -> None:
     """Checked before a run opens, and again when the model is built."""
     if isinstance(mode, Full) and mode.freeze_layers:

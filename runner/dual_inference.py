@@ -29,8 +29,7 @@ def accelerator_for(meta: dict, precision: str):
 def read_split(folder: Path, meta: dict, source: str, overrides: dict, data_type: str, with_labels: bool):
     """The checked frame of an image file (``text0`` absolute image paths, ``text1`` captions, ``label``) read with
     the training run's options and ``overrides``; and how messages name it."""
-    from runner.data import image_rows, read_source, select, text_fields
-    from runner.predict import reading_config
+    from runner.data import image_rows, read_source, reading_config, select, text_fields
     from runner.schema import DataType
 
     data = reading_config(folder, meta, source, {**overrides, "type": data_type})
@@ -250,8 +249,7 @@ def predict(cfg, folder: Path, meta: dict) -> list[dict]:
 
 def columns_of(folder: Path, meta: dict, cfg) -> tuple[list[str] | None, list[str] | None]:
     """The image paths and/or texts of a predict input: whichever of data.image_field / data.text_field it has."""
-    from runner.data import read_source
-    from runner.predict import reading_config
+    from runner.data import read_source, reading_config
 
     data = reading_config(folder, meta, cfg.input, cfg.data)
     frame, where = read_source(data, "train")

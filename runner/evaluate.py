@@ -17,8 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.data import reading_config
 from runner.errors import DataError, RunnerError
-from runner.predict import Predictor, check_writable, parse_args, reading_config, resolve_model_dir
+from runner.predict import Predictor, check_writable, parse_args, resolve_model_dir
 
 log = logging.getLogger("runner")
 

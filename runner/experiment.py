@@ -21,6 +21,7 @@ from runner.data import Dataset
 from runner.distill import Distillation, make_teacher
 from runner.errors import RunnerError, TrainingDiverged
 from runner.features import FrozenFeatures
+from runner.images import processor_for
 from runner.model import TextModel, VectorModel, load_encoder
 from runner.schema import DataType, Direction
 from runner.spec import Run
@@ -161,7 +162,7 @@ def dataset_of(run: Run, split, tokenizer, frozen: FrozenFeatures | None, label_
     if task.images and split.vectors is None:  # paths and captions (data.type=image: each class's prompt is the caption)
         captions = split.columns[1] if len(split.columns) > 1 else [task.prompts(label_names)[i] for i in split.labels]
         model = run.cfg.model
-        return batching.ImageSplit(image_processor(run), tokenizer, split.columns[0], captions, targets,
+        return batching.ImageSplit(processor_for(run.cfg.model), tokenizer, split.columns[0], captions, targets,
                                    model.max_length, model.text_prefix, model.text_padding)
     if split.vectors is not None:
         return batching.FrozenSplit(torch.from_numpy(split.vectors), torch.arange(len(split))[None], targets)
@@ -174,24 +175,6 @@ def dataset_of(run: Run, split, tokenizer, frozen: FrozenFeatures | None, label_
         return batching.FrozenSplit(frozen.vectors, rows, targets)
     return batching.Encoded(tokenizer, split.columns, targets, run.cfg.model.max_length, run.cfg.model.text_prefix,
                             joint=joint)
-
-
-def image_processor(run: Run):
-    """The dual encoder's image processor (its folder's, or model.image_processor's), read once per process."""
-    from runner import reuse
-    from runner.images import load_processor
-
-    cfg = run.cfg.model
-    return reuse.shared("image-processor", [cfg.name_or_path, cfg.image_processor, cfg.vision_init],
-                        lambda: load_processor(cfg.name_or_path, image_settings(cfg)), cfg.name_or_path)
-
-
-def image_settings(cfg) -> dict | None:
-    """model.image_processor, also for LiT (whose text folder has no image processor)."""
-    if cfg.image_processor or not (cfg.vision_init or cfg.random_init):
-        return cfg.image_processor
-    raise RunnerError("a dual encoder built from a config needs model.image_processor (type and sizes: see "
-                      "conf/model/lit.yaml)")
 
 
 def uses_frozen_features(run: Run, data: Dataset) -> bool:
@@ -254,7 +237,7 @@ def make_loss(run: Run, model: TextModel, data: Dataset, tokenizer=None):
     if run.cfg.distill.teacher and run.task.images:
         from runner.distill import ImageTextDistillation, dual_teacher
 
-        teacher = dual_teacher(run.cfg.distill, model, image_processor(run), tokenizer)
+        teacher = dual_teacher(run.cfg.distill, model, processor_for(run.cfg.model), tokenizer)
         return ImageTextDistillation(loss_fn, teacher, run.cfg.distill)
     if run.cfg.distill.teacher:
         teacher, on_logits = make_teacher(run.cfg.distill, model, lambda name: encoder_model(run, name))

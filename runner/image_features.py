@@ -42,11 +42,11 @@ def frozen_dual(run, vocab_size: int):
 def attach_vectors(run, data: Dataset, vocab_size: int, accelerator) -> dict[str, int]:
     """Every split's image embeddings as its ``vectors`` (what a head on given embeddings trains on); the cache's
     hits and misses."""
-    from runner.experiment import image_processor
+    from runner.images import processor_for
     from runner.model import weights_hash
 
     model = frozen_dual(run, vocab_size).to(accelerator.device)
-    processor = image_processor(run)
+    processor = processor_for(run.cfg.model)
     tower = [model.tower("vision"), getattr(model.transformers_model, "visual_projection", torch.nn.Identity())]
     setting = hashlib.sha256(json.dumps([weights_hash(torch.nn.ModuleList(tower)), processor.to_json_string(),
                                          accelerator.mixed_precision]).encode()).hexdigest()[:24]

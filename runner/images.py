@@ -63,6 +63,18 @@ def load_processor(folder: str | None, settings: dict | None):
     return processor_class(kind, str(path))(**{k: v for k, v in options.items() if k in allowed})
 
 
+def processor_for(cfg) -> object:
+    """The image processor of a run's dual encoder (``cfg``: its ModelConfig): the model folder's, or
+    ``model.image_processor``'s (a model built from a config, LiT's vision tower), read once per process."""
+    from runner import reuse
+
+    if not cfg.image_processor and (cfg.vision_init or cfg.random_init):
+        raise RunnerError("a dual encoder built from a config needs model.image_processor (type and sizes: see "
+                          "conf/model/lit.yaml)")
+    return reuse.shared("image-processor", [cfg.name_or_path, cfg.image_processor, cfg.vision_init],
+                        lambda: load_processor(cfg.name_or_path, cfg.image_processor), cfg.name_or_path)
+
+
 def processor_class(kind, where: str):
     table = processor_classes()
     if kind not in table:

@@ -126,9 +126,10 @@ def check_any_model(run: Run, vocab_size: int) -> None:
         raise RunnerError("mode.towers applies to dual image-text encoders; a text encoder has one tower")
     if run.task.images:
         dual.check_mode(run.mode)
-        from runner.experiment import image_processor
+        dual.check(cfg.model, vocab_size)
+        from runner.images import processor_for
 
-        processor = image_processor(run)  # a folder without processor settings is an input error, found before MLflow opens
+        processor = processor_for(cfg.model)  # a folder without processor settings is an input error, found before MLflow opens
         if cfg.distill.teacher not in (None, "self"):
             from runner.distill import dual_teacher
             from runner.model import load_tokenizer

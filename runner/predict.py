@@ -103,34 +103,11 @@ def resolve_model_dir(model_dir: str, tracking_uri: str | None) -> Path:
     return Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/artifacts/runner_model", tracking_uri=uri))
 
 
-def reading_config(folder: Path, meta: dict, input_path, overrides: dict):
-    """The training run's data reading options (its config.yaml), the input as data.train (a file, a folder or
-    a mapping label -> source), user overrides."""
-    from omegaconf import OmegaConf
-
-    from runner import trust
-    from runner.schema import DataConfig
-
-    saved = trust.read_saved_config(folder).get("data") or {}
-    if not isinstance(saved, dict):
-        raise RunnerError(f"{folder}/config.yaml: data is not a mapping of reading options")
-    keep = {k: v for k, v in saved.items()
-            if k not in ("train", "validation", "test", "hub", "split_field", "split_values", "max_train_samples",
-                         "train_embeddings", "validation_embeddings", "test_embeddings", "label_names")}
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        saved_options = OmegaConf.merge(OmegaConf.structured(DataConfig), keep)
-    except (OmegaConfBaseException, ValueError) as err:
-        raise RunnerError(f"{folder}/config.yaml: its data options are not valid ({str(err).splitlines()[0]})") from err
-    return OmegaConf.to_object(OmegaConf.merge(saved_options, overrides, {"train": input_path}))
-
-
 def read_inputs(folder: Path, meta: dict, cfg: PredictConfig) -> tuple[list[list[str]] | np.ndarray, dict | None]:
     """The text columns of the input (one, or two for pair models), or its vectors (given-embedding models), and
     where each row came from ({"file": [...]} for a folder of files, {"line": [...]} for a lines file; None
     otherwise)."""
-    from runner.data import read_source, read_vectors, select, text_fields
+    from runner.data import read_source, read_vectors, reading_config, select, text_fields
     from runner.schema import DataType
     from runner.sources import ORIGIN_COLUMNS
 

@@ -118,8 +118,9 @@ CASES = [
     ("wrong type", ["train.lr=abc"], "Value 'abc' of type 'str' could not be converted to Float", 1),
     ("misspelled key with +", ["+train.learning_rate=1e-3"], "unknown key train.learning_rate (did you mean train.lr?)", 1),
     ("near-miss key with +", ["+train.epoch=3"], "unknown key train.epoch (did you mean train.epochs?)", 1),
-    ("unknown key in a group", ["+model.foo=1"], "unknown key model.foo (known keys: max_length, name_or_path, padding_side, "
-     "random_init, revision, text_prefix, tokenizer, trust_remote_code)", 1),
+    ("unknown key in a group", ["+model.foo=1"], "unknown key model.foo (known keys: image_processor, locked, max_length, "
+     "name_or_path, padding_side, projection_dim, random_init, revision, text_padding, text_prefix, tokenizer, "
+     "trust_remote_code, vision_init)", 1),
     ("loss key without a loss", ["+loss.typo=1"], "loss.typo is set but no loss is chosen (loss=null uses the task's default): "
      "pick one first, e.g. loss=ce, loss=focal or loss=mnrl", 1),
     ("unknown loss key", ["loss=ce", "+loss.typo=1"], "unknown key loss.typo (known keys: _target_, class_weights, label_smoothing)", 1),

@@ -144,8 +144,8 @@ def test_a_text_model_refuses_images_and_a_dual_encoder_refuses_text(digits, tmp
     code, out = run_cli([*base(tmp_path, "tiny_clip", digits["train"], "data.type=single", "data.text_field=caption")],
                         capsys)
     assert code == 1 and "is a dual image-text encoder" in out
-    code, out = run_cli(base(tmp_path, "tiny_clip", digits["train"], "mode=peft"), capsys)
-    assert code == 1 and "dual encoders train with mode=full" in out
+    code, out = run_cli(base(tmp_path, "tiny_clip", digits["train"], "mode.freeze_layers=1"), capsys)
+    assert code == 1 and "mode.freeze_layers applies to text encoders" in out
 
 
 # ---- bad image inputs ------------------------------------------------------------------------------------------
@@ -347,10 +347,11 @@ def test_negatives_are_gathered_across_processes(model, loss, digits, tmp_path):
 
 # ---- modes per tower -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode,trained,frozen,start", [
-    ("mode=full mode.towers=[vision]", "vision_model", "text_model", "mode=head_only"),
+@pytest.mark.parametrize("mode,trained,frozen,start", [  # two of three in nox -s slow: the default suite stays short
+    pytest.param("mode=full mode.towers=[vision]", "vision_model", "text_model", "mode=head_only", marks=pytest.mark.slow),
     ("mode=peft mode.towers=[text]", "text_model", "vision_model", "mode=head_only"),
-    ("mode=head_only", "visual_projection", "vision_model", "mode=full mode.towers=[text]"),
+    pytest.param("mode=head_only", "visual_projection", "vision_model", "mode=full mode.towers=[text]",
+                 marks=pytest.mark.slow),
 ])
 def test_modes_apply_per_tower(mode, trained, frozen, start, digits, tmp_path, capsys):
     """The mode's towers learn (LoRA merged into the saved weights), the others are bit-identical to the starting
@@ -421,6 +422,7 @@ def test_a_dual_encoder_learns_from_a_teacher_dual_encoder(digits, tmp_path, cap
     assert not (tmp_path / "x" / "mlflow.db").exists()  # refused before any run opened
 
 
+@pytest.mark.slow  # 7 s: worker processes and a sweep
 def test_images_decode_in_loader_workers_and_sweeps_run(digits, tmp_path, capsys):
     """hardware.num_workers=2: the collator (image decoding) runs in worker processes, with the same metrics as in
     the main process; a --multirun sweep over the learning rate runs one job per value."""
@@ -434,3 +436,70 @@ def test_images_decode_in_loader_workers_and_sweeps_run(digits, tmp_path, capsys
     code, out = run_cli(["--multirun", *sweep, "train.lr=1e-3,1e-4", f"hydra.sweep.dir={tmp_path / 'sweep'}"], capsys)
     assert code == 0, out
     assert len(list((tmp_path / "sweep").glob("*/metrics.json"))) == 2
+
+
+def test_a_saved_dual_encoder_trains_on_from_its_folder_with_gradcache(digits, tmp_path, capsys):
+    """A local folder of a dual encoder (here the runner's own saved one: a transformers folder) as
+    model.name_or_path, trained further with loss=cached_clip (GradCache through both towers, mini-batches of 8)."""
+    assert run_cli(base(tmp_path / "a", "tiny_clip", digits["train"], "train.epochs=1"), capsys)[0] == 0
+    folder = tmp_path / "a" / "run" / "model"
+    code, out = run_cli(base(tmp_path / "b", "tiny_clip", digits["train"], "train.epochs=1", "model.random_init=null",
+                             "model.image_processor=null", f"model.name_or_path={folder}", "model.tokenizer=null",
+                             "loss=cached_clip", "loss.mini_batch_size=8"), capsys)
+    assert code == 0, out
+    assert "clip dual encoder" in out
+    assert json.loads((tmp_path / "b" / "run" / "metrics.json").read_text())["metrics"]["val/mean_recall"] >= 0
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_images_and_texts(digits, tmp_path, capsys):
+    """The logged model behind ``mlflow models serve``: base64 images and texts in, runner.predict's embeddings
+    out; a request with a broken image is answered 400 with a message, and the server keeps answering."""
+    import base64
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from runner.predict import PredictConfig, predict
+    from tests.test_mlflow_model import free_port, wait_for
+
+    args = base(tmp_path, "tiny_clip", digits["train"], "train.epochs=1")
+    code, out = run_cli([a for a in args if a != "tracking.log_model=false"], capsys)
+    assert code == 0, out
+    run_id = json.loads((tmp_path / "run" / "mlflow_run.json").read_text())["run_id"]
+    port = free_port()
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{run_id}/model",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    images = [str(digits["test"].parent / f"img/{i:04d}.png") for i in range(1400, 1403)]
+
+    def ask(records):
+        body = json.dumps({"dataframe_records": records}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
+
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping")
+        answer = ask([{"image": base64.b64encode(Path(p).read_bytes()).decode(), "text": "a handwritten digit one"}
+                      for p in images])
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            ask([{"image": base64.b64encode(b"\x89PNG broken").decode()}])
+        assert bad.value.code == 400 and "cannot decode this image" in bad.value.read().decode()
+        assert len(ask([{"text": "still answering"}])) == 1
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    want = predict(PredictConfig(model_dir=str(tmp_path / "run" / "model"), input=str(digits["test"]), embeddings=True,
+                                 data={"text_field": "caption"}))
+    for got, row in zip(answer, want[:3]):
+        assert np.allclose(got["image_embedding"], row["image_embedding"], atol=1e-4)
+    [text] = predict(PredictConfig(model_dir=str(tmp_path / "run" / "model"), text="a handwritten digit one"))
+    assert np.allclose(answer[0]["text_embedding"], text["text_embedding"], atol=1e-4)
+
+
+def test_texts_longer_than_the_text_tower_takes_are_refused(digits, tmp_path, capsys):
+    code, out = run_cli(base(tmp_path, "tiny_clip", digits["train"], "model.max_length=100"), capsys)
+    assert code == 1 and "model.max_length=100 but this text tower takes at most 64 tokens" in out
