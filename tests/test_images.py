@@ -52,7 +52,7 @@ def base(tmp_path: Path, model: str, train_file: Path, *extra: str) -> list[str]
             "tracking.log_model=false", *extra]
 
 
-@pytest.mark.parametrize("model", ["tiny_clip", "tiny_siglip"])
+@pytest.mark.parametrize("model", ["tiny_clip", pytest.param("tiny_siglip", marks=pytest.mark.slow)])
 def test_dual_encoder_trains_saves_and_reloads_with_transformers(model, digits, tmp_path, capsys):
     from transformers import AutoTokenizer, CLIPModel, SiglipModel
 
@@ -402,6 +402,7 @@ def test_a_linear_probe_trains_a_head_on_cached_image_embeddings(digits, tmp_pat
     assert result["metrics"]["test/accuracy"] == pytest.approx(metrics["test/accuracy"], abs=1 / 64)
 
 
+@pytest.mark.slow  # 5 s: two trainings
 def test_a_dual_encoder_learns_from_a_teacher_dual_encoder(digits, tmp_path, capsys):
     """distill.teacher: a saved dual encoder (or self); its batch similarity distributions join the loss, logged as
     train/distill; a teacher that reads other pixels is refused before training."""
@@ -438,6 +439,7 @@ def test_images_decode_in_loader_workers_and_sweeps_run(digits, tmp_path, capsys
     assert len(list((tmp_path / "sweep").glob("*/metrics.json"))) == 2
 
 
+@pytest.mark.slow  # 5 s: two trainings
 def test_a_saved_dual_encoder_trains_on_from_its_folder_with_gradcache(digits, tmp_path, capsys):
     """A local folder of a dual encoder (here the runner's own saved one: a transformers folder) as
     model.name_or_path, trained further with loss=cached_clip (GradCache through both towers, mini-batches of 8)."""
