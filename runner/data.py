@@ -28,7 +28,7 @@ from omegaconf import ListConfig
 
 from runner import compression, sources, streaming, text_encoding
 from runner.errors import DataError
-from runner.schema import DataConfig, DataType
+from runner.schema import IMAGE_TYPES, DataConfig, DataType
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
 READERS = ("csv", "tsv", "jsonl", "parquet", "arrow", "lines", "delimited")
@@ -37,7 +37,6 @@ SPLITS = ("train", "validation", "test")
 log = logging.getLogger("runner")
 FIELD_KEYS = {DataType.single: "text_field", DataType.pair: "text_fields", DataType.triplet: "anchor_field/positive_field/negative_field",
               DataType.image_text: "image_field/text_field", DataType.image: "image_field"}
-IMAGE_TYPES = (DataType.image_text, DataType.image)  # the first column holds image paths (runner/images.py)
 QUOTING = {"minimal": csv.QUOTE_MINIMAL, "all": csv.QUOTE_ALL, "nonnumeric": csv.QUOTE_NONNUMERIC, "none": csv.QUOTE_NONE}
 
 
@@ -208,10 +207,11 @@ def image_rows(cfg: DataConfig, frame: pd.DataFrame, source, where: str, tally: 
 
     if isinstance(frame, streaming.ArrowSelected):
         raise DataError(f"{where}: image data is read in memory (paths are small): set data.streaming=false")
-    if not isinstance(source, str) or not os.path.isfile(source):
-        raise DataError(f"{where}: images are read from a table file (csv, tsv, jsonl, parquet) whose column "
-                        f"{cfg.image_field!r} holds image paths; this split is {sources.describe(source)}")
-    base = os.path.dirname(os.path.abspath(source))
+    if not isinstance(source, str):
+        raise DataError(f"{where}: images are read from a table (csv, tsv, jsonl, parquet, a saved or hub dataset) whose "
+                        f"column {cfg.image_field!r} holds image paths or the images; this split is {sources.describe(source)}")
+    # relative paths start at the data file's folder (a saved dataset's own folder; a hub split: here)
+    base = os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else source if os.path.isdir(source) else "."
     paths, keep, skipped = images.checked_paths(frame["text0"].tolist(), base, where, cfg.image_field, cfg.bad_images,
                                                 lambda row: row_number(row, where))
     frame = frame.assign(text0=paths)[keep].reset_index(drop=True)
@@ -726,12 +726,13 @@ def read_hub_split(cfg: DataConfig, split: str) -> pd.DataFrame:
     import datasets
 
     try:
-        return datasets.load_dataset(cfg.hub, cfg.hub_config, split=split, revision=cfg.revision).to_pandas()
+        loaded = datasets.load_dataset(cfg.hub, cfg.hub_config, split=split, revision=cfg.revision)
     except Exception as err:  # network, unknown split, offline mode: one message, not a traceback
         raise DataError(
             f"could not load split {split!r} of hub dataset {cfg.hub!r}: {str(err).strip().splitlines()[0]}. "
             f"Offline? Use local files: data=csv data.train=... data.validation=..."
         ) from err
+    return sources.embedded_images(cfg, loaded.data.table).to_pandas()  # images stored inside: as files in the cache
 
 
 def split_labels(value, separator: str) -> list[str]:

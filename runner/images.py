@@ -88,6 +88,48 @@ def processor_type(processor) -> str:
     return type(processor).__name__.removesuffix("Pil")
 
 
+# ---- images stored inside a dataset (datasets' Image feature: a struct of bytes and path) ---------------------
+
+MAGIC = {b"\x89PNG": ".png", b"\xff\xd8\xff": ".jpg", b"GIF8": ".gif", b"RIFF": ".webp", b"BM": ".bmp"}
+
+
+def embedded_to_files(table, column: str, cache: Path):
+    """``table`` with the image column of a hub or save_to_disk dataset (``{bytes, path}`` structs) turned into
+    paths: each image's bytes written once to ``cache/images/<sha256>.<ext>`` (a file of that content is reused),
+    a chunk at a time, so the images are never all in memory; rows without bytes keep their path. Other tables
+    are returned as they are."""
+    import hashlib
+
+    import pyarrow as pa
+
+    if column not in table.column_names:
+        return table
+    kind = table.schema.field(column).type
+    if not (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0):
+        return table
+    folder = cache / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, written = [], 0
+    for chunk in table.column(column).chunks:
+        blobs, names = chunk.field("bytes"), chunk.field("path") if kind.get_field_index("path") >= 0 else None
+        for i in range(len(chunk)):
+            blob = blobs[i].as_py()
+            if blob is None:
+                paths.append(names[i].as_py() if names is not None else None)
+                continue
+            digest = hashlib.sha256(blob).hexdigest()
+            target = folder / f"{digest}{next((e for m, e in MAGIC.items() if blob.startswith(m)), '.img')}"
+            if not target.exists():
+                partial = target.with_suffix(f".{os.getpid()}.tmp")
+                partial.write_bytes(blob)
+                os.replace(partial, target)  # whole or absent: parallel jobs may write the same image
+                written += 1
+            paths.append(str(target))
+    log.info("data: %d images stored in the dataset's %r column, as files in %s (%d new)", len(paths), column, folder,
+             written)
+    return table.set_column(table.column_names.index(column), column, pa.array(paths, pa.string()))
+
+
 # ---- checking the image column of a split ------------------------------------------------------------------
 
 def checked_paths(values: list, base: str, where: str, column, policy: str, row_number) -> tuple[list[str], np.ndarray, dict]:

@@ -42,6 +42,9 @@ class DataType(str, Enum):
     image = "image"  # an image and its class: zero-shot prompts of the class names (task.prompt)
 
 
+IMAGE_TYPES = (DataType.image_text, DataType.image)  # the first column holds images (runner/images.py)
+
+
 class Architecture(str, Enum):
     cross = "cross"  # both texts of a pair in one sequence, a head on the pooled output
     bi = "bi"  # each text embedded alone (shared weights), similarity of the two embeddings

@@ -22,6 +22,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
@@ -482,12 +483,24 @@ def read_arrow(cfg, paths: list[str], names: dict[str, list[str]], where: str, s
             table = table.set_column(table.column_names.index(column), column, named)
     if table.num_rows == 0:
         raise DataError(f"data.{split}: {where} has no rows")
+    table = embedded_images(cfg, table)
     size = sum(os.path.getsize(p) for p in paths)
     stream = cfg.streaming if cfg.streaming is not None else size > cfg.streaming_above_mb * 2**20
     if names:
         log.info("%s: class ids read as their names (%s)", where, "; ".join(f"{c}: {n}" for c, n in names.items()))
     record(tally, Count(split, where, table.num_rows))
     return streaming.ArrowFrame(table) if stream else table.to_pandas()
+
+
+def embedded_images(cfg, table):
+    """Image data whose image column holds the images themselves (datasets' Image feature): as files in the cache."""
+    from runner.schema import IMAGE_TYPES
+
+    if cfg.type not in IMAGE_TYPES:
+        return table
+    from runner.images import embedded_to_files
+
+    return embedded_to_files(table, str(cfg.image_field), Path(streaming.cfg_cache_dir()))
 
 
 def read_saved(cfg, folder: str, split: str, tally: Tally | None):

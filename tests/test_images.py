@@ -505,3 +505,57 @@ def test_mlflow_models_serve_answers_images_and_texts(digits, tmp_path, capsys):
 def test_texts_longer_than_the_text_tower_takes_are_refused(digits, tmp_path, capsys):
     code, out = run_cli(base(tmp_path, "tiny_clip", digits["train"], "model.max_length=100"), capsys)
     assert code == 1 and "model.max_length=100 but this text tower takes at most 64 tokens" in out
+
+
+def test_a_saved_dataset_with_images_inside_trains_and_predicts(digits, tmp_path, capsys, monkeypatch):
+    """A save_to_disk DatasetDict whose image column is datasets' Image feature (the bytes inside, as hub image
+    datasets are): the images become files in the cache once, a chunk at a time; training, k-fold and predict read
+    them like image files; a second job writes none again."""
+    import datasets
+
+    from runner.predict import PredictConfig, predict
+
+    rows = list(csv.reader(open(digits["train"])))[1:]
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=WORDS)})
+    root = digits["train"].parent
+
+    def split(part):
+        return datasets.Dataset.from_dict({"image": [str(root / r[0]) for r in part], "caption": [r[1] for r in part],
+                                           "label": [WORDS.index(r[2]) for r in part]}, features=features)
+
+    folder = tmp_path / "saved"
+    datasets.DatasetDict({"train": split(rows[:160]), "test": split(rows[160:])}).save_to_disk(str(folder))
+    monkeypatch.setenv("RUNNER_ARROW_CACHE", str(tmp_path / "cache"))
+    args = base(tmp_path, "tiny_clip", folder / "train", "train.epochs=1", f"data.test={folder / 'test'}")
+    code, out = run_cli(args, capsys)
+    assert code == 0, out
+    assert "160 images stored in the dataset's 'image' column" in out and "(160 new)" in out
+    assert len(list((tmp_path / "cache" / "images").glob("*.png"))) == 192
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert 0 <= metrics["test/i2t_recall_at_1"] <= 1
+    code, out = run_cli([*args[:-1], "data.type=image", "data.label_field=label", "cv.folds=2",
+                         f"output_dir={tmp_path / 'kfold'}"], capsys)
+    assert code == 0 and "(0 new)" in out, out
+    rows = predict(PredictConfig(model_dir=str(tmp_path / "run" / "model"), input=str(folder / "test"),
+                                 classes=["zero", "one"], prompt="a handwritten digit {}"))
+    assert len(rows) == 32 and rows[0]["label"] in ("zero", "one")
+
+
+def test_a_hub_split_with_images_inside_is_read_as_files(digits, tmp_path, monkeypatch):
+    """data.hub: what datasets.load_dataset gives (here the same Dataset read from a local parquet file, as the hub
+    serves it: the hub is unreachable) goes through the same conversion: paths to files in the cache."""
+    import datasets
+
+    from runner.data import read_hub_split
+    from runner.schema import DataConfig, DataType
+
+    rows = list(csv.reader(open(digits["train"])))[1:21]
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    datasets.Dataset.from_dict({"image": [str(digits["train"].parent / r[0]) for r in rows],
+                                "caption": [r[1] for r in rows]}, features=features).to_parquet(str(tmp_path / "t.parquet"))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_parquet(str(tmp_path / "t.parquet")))
+    monkeypatch.setenv("RUNNER_ARROW_CACHE", str(tmp_path / "cache"))
+    frame = read_hub_split(DataConfig(type=DataType.image_text, hub="someone/images", train="train"), "train")
+    assert list(frame.columns) == ["image", "caption"] and len(frame) == 20
+    assert all(Path(p).read_bytes() == (digits["train"].parent / r[0]).read_bytes() for p, r in zip(frame["image"], rows))
