@@ -248,22 +248,20 @@ def predict(cfg, folder: Path, meta: dict) -> list[dict]:
 
 
 def columns_of(folder: Path, meta: dict, cfg) -> tuple[list[str] | None, list[str] | None]:
-    """The image paths and/or texts of a predict input: whichever of data.image_field / data.text_field it has."""
-    from runner.data import read_source, reading_config
+    """The image paths and/or texts of a predict input: whichever of data.image_field / data.text_field it has,
+    read once; with both, a row skipped for its image (data.bad_images=skip) drops its text too."""
+    from runner.data import image_rows, read_source, reading_config, select, text_fields
+    from runner.schema import DataType
 
-    data = reading_config(folder, meta, cfg.input, cfg.data)
+    data = reading_config(folder, meta, cfg.input, {**cfg.data, "type": "image_text"})
     frame, where = read_source(data, "train")
     has_images, has_texts = data.image_field in frame.columns, data.text_field in frame.columns
     if not (has_images or has_texts):
         raise RunnerError(f"{where}: no column {data.image_field!r} (data.image_field) or {data.text_field!r} "
                           f"(data.text_field); the file has columns {list(frame.columns)}")
-    images = texts = None
+    data.type = DataType.image_text if has_images and has_texts else DataType.image if has_images else DataType.single
+    selected = select(data, frame, where, text_fields(data), None, [])
     if has_images:
-        selected, _, _ = read_split(folder, meta, cfg.input, cfg.data, "image", with_labels=False)
-        images = selected["text0"].tolist()
-    if has_texts:
-        selected, _, _ = read_split(folder, meta, cfg.input, cfg.data, "single", with_labels=False)
-        texts = selected["text0"].tolist()
-    if images is not None and texts is not None and len(images) != len(texts):
-        raise RunnerError(f"{where}: {len(images)} readable images but {len(texts)} texts: fix the rows that differ")
-    return images, texts
+        selected = image_rows(data, selected, cfg.input, where, None)
+    columns = [selected[f"text{i}"].tolist() for i in range(len(text_fields(data)))]
+    return (columns[0] if has_images else None), (columns[-1] if has_texts else None)
