@@ -87,7 +87,9 @@ class ImageTextDistillation(Loss):
 
     def __init__(self, base: Loss, teacher: nn.Module, cfg: DistillConfig) -> None:
         super().__init__()
-        if not hasattr(base, "compute") or hasattr(base, "cached"):
+        from runner.losses import GradCache, ImageTextContrastive
+
+        if not isinstance(base, ImageTextContrastive) or isinstance(base, GradCache):
             raise RunnerError("distillation of a dual encoder works with loss=clip or loss=siglip (not GradCache)")
         self.base, self.cfg = base, cfg
         self.teacher = teacher.eval().requires_grad_(False)
@@ -96,23 +98,19 @@ class ImageTextDistillation(Loss):
         self.base.prepare(train_labels)
 
     def forward(self, model, batch) -> torch.Tensor:
-        from runner.losses import temperature
+        from runner.losses import similarity_matrix, temperature
 
         images, texts = [model(f).float() for f in batch["features"]]
         scale, bias = temperature(model)
         task_loss = self.base.compute(images, texts, batch["text_ids"], scale, bias)
         with torch.no_grad():
-            teacher = similarities(*[self.teacher(f).float() for f in batch["features"]])
-        student = similarities(images, texts)
+            teacher = similarity_matrix(*[self.teacher(f).float() for f in batch["features"]])
+        student = similarity_matrix(images, texts)
         t = self.cfg.temperature * 0.01  # cosines span [-1, 1]: T = 2 softens them as logits at CLIP's scale 100 / 2
         term = sum(F.kl_div(F.log_softmax(s / t, -1), F.softmax(q / t, -1), reduction="batchmean")
                    for s, q in ((student, teacher), (student.T, teacher.T))) / 2
         self.terms = {"train/distill": term.detach(), "train/task_loss": task_loss.detach()}
         return (1 - self.cfg.alpha) * task_loss + self.cfg.alpha * term
-
-
-def similarities(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-    return F.normalize(images, dim=-1) @ F.normalize(texts, dim=-1).T
 
 
 def dual_teacher(cfg: DistillConfig, student, processor, tokenizer) -> nn.Module:

@@ -122,8 +122,8 @@ def load_dual(cfg: ModelConfig, vocab_size: int) -> nn.Module:
             vision.config, text.config, projection_dim=cfg.projection_dim or text.config.hidden_size)
         return classes["vision-text-dual-encoder"](config=config, vision_model=vision, text_model=text)
     if cfg.random_init:
-        options = dict(cfg.random_init)
-        return classes[options.pop("model_type")](AutoConfig.for_model(cfg.random_init["model_type"], **options))
+        config = random_config(cfg)
+        return classes[config.model_type](config)
     from runner.model import load_config
 
     config = load_config(cfg, vocab_size)
@@ -160,18 +160,23 @@ def tuned_towers(cfg: ModelConfig, mode) -> tuple[str, ...]:
     return tuple(t for t in (mode.towers or TOWERS) if t not in cfg.locked)
 
 
+def random_config(cfg: ModelConfig):
+    """The transformers config of ``model.random_init`` (its model_type and the config's values)."""
+    from transformers import AutoConfig
+
+    options = dict(cfg.random_init)
+    return AutoConfig.for_model(options.pop("model_type"), **options)
+
+
 def check(cfg: ModelConfig, vocab_size: int) -> None:
     """What the config alone says is wrong, before any weight loads: texts longer than the text tower's positions
     (an index error mid-run), token ids past its embedding table."""
-    from transformers import AutoConfig
-
     from runner.model import load_config
 
     if cfg.vision_init:
         text = load_config(dataclasses.replace(cfg, vision_init=None), vocab_size)
     elif cfg.random_init:
-        options = dict(cfg.random_init)
-        text = AutoConfig.for_model(options.pop("model_type"), **options).text_config
+        text = random_config(cfg).text_config
     else:
         text = load_config(cfg, vocab_size).text_config
     limit = getattr(text, "max_position_embeddings", None)
@@ -218,17 +223,14 @@ def with_lora(encoder: nn.Module, mode, towers: tuple[str, ...]) -> nn.Module:
 def save(folder: Path, model: DualModel, tokenizer, processor, meta: dict) -> Path:
     """A folder transformers loads as it is (``CLIPModel.from_pretrained(folder)``, ``AutoProcessor``), plus
     runner_model.json saying how the runner tokenized and what the task was."""
-    from runner.images import processor_type
+    from runner.images import save_processor
     from runner.modes import merged_encoder
 
     folder.mkdir(parents=True, exist_ok=True)
     model.encoder = merged_encoder(model.encoder)  # LoRA folded into the weights: transformers' class loads it
     model.encoder.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    saved = json.loads((folder / "preprocessor_config.json").read_text())
-    saved["image_processor_type"] = processor_type(processor)  # the class transformers knows (not its PIL twin)
-    (folder / "preprocessor_config.json").write_text(json.dumps(saved, indent=2))
+    save_processor(processor, folder)
     (folder / "runner_model.json").write_text(json.dumps({**meta, "kind": "dual",
                                                           "model_type": model.encoder.config.model_type}, indent=2))
     return folder
@@ -248,9 +250,11 @@ def load_saved(folder: Path, meta: dict):
         raise RunnerError(f"{folder}/runner_model.json: model_type={str(kind)[:60]!r} is not a dual encoder the runner "
                           f"offers ({', '.join(classes)})")
     trust.check_weights(folder, "dual encoder")
+    config = trust.read_json(folder / "config.json")
+    if not isinstance(config, dict) or config.get("model_type") != kind:
+        said = config.get("model_type") if isinstance(config, dict) else None
+        raise RunnerError(f"{folder}: config.json says {str(said)[:60]}, runner_model.json {kind}")
     encoder = classes[kind].from_pretrained(folder, use_safetensors=True, trust_remote_code=False)
-    if encoder.config.model_type != kind:
-        raise RunnerError(f"{folder}: config.json says {encoder.config.model_type}, runner_model.json {kind}")
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     model = DualModel(encoder).eval()
     model.image_processor = load_processor(str(folder), None)
@@ -275,6 +279,16 @@ def saved_head(folder: Path, meta: dict) -> nn.Module:
     trust.check_tensors(weights, {f"head.1.{k}": v for k, v in head.state_dict().items()}, path)
     head.load_state_dict({k[len("head.1."):]: v for k, v in weights.items()})
     return head.eval()
+
+
+def embed_images(model: DualModel, processor, images: list, batch_size: int, device) -> torch.Tensor:
+    """Image embeddings (float32, on the CPU) of paths or image files' bytes, ``batch_size`` at a time."""
+    from runner.images import pixel_values
+
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(model({"pixel_values": pixel_values(processor, images[i:i + batch_size]).to(device)}).float().cpu())
+    return torch.cat(out)
 
 
 def text_features(tokenizer, texts: list[str], max_length: int, padding: str, prefix: str = "") -> dict:

@@ -30,13 +30,13 @@ def read_split(folder: Path, meta: dict, source: str, overrides: dict, data_type
     """The checked frame of an image file (``text0`` absolute image paths, ``text1`` captions, ``label``) read with
     the training run's options and ``overrides``; and how messages name it."""
     from runner.data import image_rows, read_source, reading_config, select, text_fields
-    from runner.schema import DataType
+    from runner.schema import IMAGE_TYPES
 
     data = reading_config(folder, meta, source, {**overrides, "type": data_type})
     frame, where = read_source(data, "train")
     fields = text_fields(data)
     selected = select(data, frame, where, fields, data.label_field if with_labels else None, [])
-    if data.type in (DataType.image_text, DataType.image):
+    if data.type in IMAGE_TYPES:
         selected = image_rows(data, selected, source, where, None)
     return selected, where, data
 
@@ -101,8 +101,8 @@ def evaluate_probe(cfg, folder: Path, meta: dict, model, frame, labels, names) -
     from runner.schema import TaskConfig
     from runner.tasks import LinearProbe
 
-    predictor = DualPredictor.around(model, meta, cfg.precision)
-    logits = predictor.probe_logits(frame["text0"].tolist(), cfg.batch_size or 64)
+    predictor = DualPredictor(model, None, meta, cfg.precision)
+    logits = predictor.probe_logits(predictor.embed_images(frame["text0"].tolist(), cfg.batch_size or 64))
     metrics, report = LinearProbe(TaskConfig()).score([logits.numpy()], labels, cfg.split, names)
     return {"metrics": metrics, "report": report, "model_dir": str(folder), "rows": len(frame)}
 
@@ -120,49 +120,30 @@ class DualPredictor:
 
     Each row gets ``image_embedding`` / ``text_embedding``, and with classes (the model's, or given) the zero-shot
     ``label`` and ``probabilities`` of its image: a softmax over the class prompts at the model's learned
-    temperature. Images are paths or encoded image bytes (a PNG or JPEG file's content)."""
+    temperature (a linear probe: over its head's classes). Images are paths or encoded image bytes (a PNG or JPEG
+    file's content)."""
 
-    def __init__(self, folder: Path, precision: str = "auto") -> None:
-        from runner.artifact import load_model
-        from runner.model import quiet_libraries
-
-        quiet_libraries()
-        model, self.tokenizer, meta = load_model(folder)
-        self.setup(model, meta, precision)
-
-    def setup(self, model, meta: dict, precision: str) -> None:
-        self.meta, self.settings = meta, TextSettings(meta)
+    def __init__(self, model, tokenizer, meta: dict, precision: str = "auto") -> None:
+        self.tokenizer, self.meta, self.settings = tokenizer, meta, TextSettings(meta)
         self.accelerator = accelerator_for(meta, precision)
         self.model = model.to(self.accelerator.device)
 
     @classmethod
-    def around(cls, model, meta: dict, precision: str) -> DualPredictor:
-        """A predictor of an already loaded model (runner.evaluate)."""
-        predictor = cls.__new__(cls)
-        predictor.setup(model, meta, precision)
-        return predictor
+    def load(cls, folder: Path, precision: str = "auto") -> DualPredictor:
+        from runner.artifact import load_model
+        from runner.model import quiet_libraries
 
-    def probe_logits(self, images: list, batch_size: int):
-        """A linear probe's class logits for images (its head on the image embeddings)."""
-        import torch
-
-        with torch.inference_mode(), self.accelerator.autocast():
-            vectors = self.embed_images(images, batch_size)
-        if self.meta.get("normalize"):
-            vectors = torch.nn.functional.normalize(vectors, dim=-1)
-        with torch.inference_mode():
-            return self.model.head.to(vectors.device)(vectors)
+        quiet_libraries()
+        model, tokenizer, meta = load_model(folder)
+        return cls(model, tokenizer, meta, precision)
 
     def embed_images(self, images: list, batch_size: int):
         import torch
 
-        from runner.images import pixel_values
+        from runner.dual import embed_images
 
-        out = []
-        for i in range(0, len(images), batch_size):
-            pixels = pixel_values(self.model.image_processor, images[i:i + batch_size])
-            out.append(self.model({"pixel_values": pixels.to(self.accelerator.device)}).float().cpu())
-        return torch.cat(out)
+        with torch.inference_mode(), self.accelerator.autocast():
+            return embed_images(self.model, self.model.image_processor, images, batch_size, self.accelerator.device)
 
     def embed_texts(self, texts: list[str], batch_size: int):
         import torch
@@ -170,61 +151,54 @@ class DualPredictor:
         from runner.dual import text_features
 
         out = []
-        for i in range(0, len(texts), batch_size):
-            features = text_features(self.tokenizer, texts[i:i + batch_size], self.settings.max_length,
-                                     self.settings.text_padding, self.settings.text_prefix)
-            out.append(self.model({k: v.to(self.accelerator.device) for k, v in features.items()}).float().cpu())
+        with torch.inference_mode(), self.accelerator.autocast():
+            for i in range(0, len(texts), batch_size):
+                features = text_features(self.tokenizer, texts[i:i + batch_size], self.settings.max_length,
+                                         self.settings.text_padding, self.settings.text_prefix)
+                out.append(self.model({k: v.to(self.accelerator.device) for k, v in features.items()}).float().cpu())
         return torch.cat(out)
+
+    def probe_logits(self, vectors):
+        """A linear probe's class logits for image embeddings (its head on them)."""
+        import torch
+
+        if self.meta.get("normalize"):
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+        with torch.inference_mode():
+            return self.model.head.to(vectors.device)(vectors)
 
     def run(self, images: list | None, texts: list[str] | None, classes: list | None = None, prompt: str | None = None,
             embeddings: bool = False, batch_size: int = 64) -> list[dict]:
-        import torch
+        from runner.losses import ImageTextContrastive, similarity_matrix
 
+        probe = self.model.head is not None  # a linear probe: its own classes, from its head
+        if probe and (classes or prompt):
+            raise RunnerError("this model is a linear probe: its classes are its head's; drop classes= and prompt=")
+        if probe and (images is None or texts is not None):
+            raise RunnerError("a linear probe classifies images: give an image column, not texts")
         names = list(classes or self.meta.get("labels") or [])
         rows: list[dict] = [{} for _ in range(len(images if images is not None else texts or []))]
-        if self.model.head is not None:  # a linear probe: its own classes, from its head
-            if classes or prompt:
-                raise RunnerError("this model is a linear probe: its classes are its head's; drop classes= and prompt=")
-            if texts is not None:
-                raise RunnerError("a linear probe classifies images: give an image column, not texts")
-            return self.probe_rows(images, embeddings, batch_size)
-        with torch.inference_mode(), self.accelerator.autocast():
-            if images is not None:
-                vectors = self.embed_images(images, batch_size)
+        if images is not None:
+            vectors = self.embed_images(images, batch_size)
+            if embeddings or not names:
                 for row, vector in zip(rows, vectors):
-                    if embeddings or not names:
-                        row["image_embedding"] = [round(float(x), 6) for x in vector]
-                if names:
-                    template = prompt or self.meta.get("prompt") or "a photo of a {}"
-                    if template.count("{}") != 1:
-                        raise RunnerError(f"prompt={template!r}: a text with one {{}} for the class name")
-                    prompts = self.embed_texts([template.format(n) for n in names], batch_size)
-                    scale = float(self.model.logit_scale.float().exp().clamp(max=100))
-                    sims = (torch.nn.functional.normalize(vectors, dim=-1)
-                            @ torch.nn.functional.normalize(prompts, dim=-1).T)
-                    for row, p in zip(rows, (sims * scale).softmax(-1)):
-                        row["label"] = names[int(p.argmax())]
-                        row["probabilities"] = {str(n): round(float(x), 6) for n, x in zip(names, p)}
-            if texts is not None:
-                for row, vector in zip(rows, self.embed_texts(texts, batch_size)):
-                    row["text_embedding"] = [round(float(x), 6) for x in vector]
-        return rows
-
-
-    def probe_rows(self, images: list | None, embeddings: bool, batch_size: int) -> list[dict]:
-        if images is None:
-            raise RunnerError("a linear probe classifies images: give an image column")
-        probabilities = self.probe_logits(images, batch_size).float().softmax(-1)
-        names = self.meta["labels"]
-        rows = [{"label": names[int(p.argmax())], "probabilities": {str(n): round(float(x), 6) for n, x in zip(names, p)}}
-                for p in probabilities]
-        if embeddings:
-            import torch
-
-            with torch.inference_mode(), self.accelerator.autocast():
-                vectors = self.embed_images(images, batch_size)
-            for row, vector in zip(rows, vectors):
-                row["image_embedding"] = [round(float(x), 6) for x in vector]
+                    row["image_embedding"] = [round(float(x), 6) for x in vector]
+            if probe:
+                logits = self.probe_logits(vectors).float()
+            elif names:
+                template = prompt or self.meta.get("prompt") or "a photo of a {}"
+                if template.count("{}") != 1:
+                    raise RunnerError(f"prompt={template!r}: a text with one {{}} for the class name")
+                prompts = self.embed_texts([template.format(n) for n in names], batch_size)
+                scale = float(self.model.logit_scale.float().exp().clamp(max=ImageTextContrastive.MAX_SCALE))
+                logits = similarity_matrix(vectors, prompts) * scale
+            if names:
+                for row, p in zip(rows, logits.softmax(-1)):
+                    row["label"] = names[int(p.argmax())]
+                    row["probabilities"] = {str(n): round(float(x), 6) for n, x in zip(names, p)}
+        if texts is not None:
+            for row, vector in zip(rows, self.embed_texts(texts, batch_size)):
+                row["text_embedding"] = [round(float(x), 6) for x in vector]
         return rows
 
 
@@ -241,7 +215,7 @@ def predict(cfg, folder: Path, meta: dict) -> list[dict]:
         images, texts = columns_of(folder, meta, cfg)
         if meta.get("head") and images is not None:
             texts = None  # a linear probe reads the images only (a caption column beside them is not its input)
-    rows = DualPredictor(folder, cfg.precision).run(images, texts, cfg.classes, cfg.prompt, cfg.embeddings,
+    rows = DualPredictor.load(folder, cfg.precision).run(images, texts, cfg.classes, cfg.prompt, cfg.embeddings,
                                                    cfg.batch_size)
     given = [("image", images), ("text", texts)]
     return [{**{k: v[i] for k, v in given if v is not None}, **row} for i, row in enumerate(rows)]

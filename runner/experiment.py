@@ -160,7 +160,8 @@ def dataset_of(run: Run, split, tokenizer, frozen: FrozenFeatures | None, label_
     task, joint = run.task, run.task.joint and len(split.columns) == 2
     targets = task.scale_targets(split.labels)
     if task.images and split.vectors is None:  # paths and captions (data.type=image: each class's prompt is the caption)
-        captions = split.columns[1] if len(split.columns) > 1 else [task.prompts(label_names)[i] for i in split.labels]
+        prompts = None if len(split.columns) > 1 else task.prompts(label_names)  # one per class, formatted once
+        captions = split.columns[1] if prompts is None else [prompts[i] for i in split.labels]
         model = run.cfg.model
         return batching.ImageSplit(processor_for(run.cfg.model), tokenizer, split.columns[0], captions, targets,
                                    model.max_length, model.text_prefix, model.text_padding)

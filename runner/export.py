@@ -116,7 +116,7 @@ def export_towers(model, tokenizer, meta: dict, out: Path, opset: int, quantize:
     with the tokenizer, the image processor settings and runner_model.json beside them; each checked against
     PyTorch on its export batch (padded texts; images of the processor's size)."""
     from runner.dual import text_features
-    from runner.images import processor_type
+    from runner.images import save_processor
 
     out.mkdir(parents=True, exist_ok=True)
     texts = [meta.get("text_prefix", "") + t for t in EXAMPLES]
@@ -142,10 +142,7 @@ def export_towers(model, tokenizer, meta: dict, out: Path, opset: int, quantize:
             quantize_dynamic(str(path), str(out / f"{name}.int8.onnx"), weight_type=QuantType.QInt8)
         written[name] = {"file": path.name, "inputs": names, "outputs": ["embedding"]}
     tokenizer.save_pretrained(out)
-    model.image_processor.save_pretrained(out)
-    saved = json.loads((out / "preprocessor_config.json").read_text())
-    saved["image_processor_type"] = processor_type(model.image_processor)
-    (out / "preprocessor_config.json").write_text(json.dumps(saved, indent=2))
+    save_processor(model.image_processor, out)
     (out / "runner_model.json").write_text(json.dumps({**meta, "onnx": written}, indent=2))
     log.info("ONNX graphs written to %s (image.onnx, text.onnx%s)", out, ", int8 twins" if quantize else "")
     return out / "image.onnx"

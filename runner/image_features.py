@@ -71,22 +71,17 @@ def file_key(path: str) -> str:
 def split_vectors(model, processor, paths: list[str], setting: str, cache: Path | None, accelerator, batch_size: int,
                   counts: dict) -> np.ndarray:  # noqa: F821
     """Embeddings of ``paths`` in order: one cache file per split's set of files (safetensors), else computed."""
-    import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    from runner.images import pixel_values
+    from runner.dual import embed_images
 
     key = hashlib.sha256(("\n".join(file_key(p) for p in paths) + setting).encode()).hexdigest()[:32]
     path = cache / f"{key}.safetensors" if cache else None
     if path is not None and path.is_file():
         counts["hits"] += len(paths)
         return load_file(path)["vectors"]
-    out = []
     with torch.inference_mode(), accelerator.autocast():
-        for i in range(0, len(paths), batch_size):
-            pixels = pixel_values(processor, paths[i:i + batch_size]).to(accelerator.device)
-            out.append(model({"pixel_values": pixels}).float().cpu())
-    vectors = torch.cat(out).numpy().astype(np.float32)
+        vectors = embed_images(model, processor, paths, batch_size, accelerator.device).numpy()
     counts["misses"] += len(paths)
     if path is not None and accelerator.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ never imported by name.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -39,28 +38,34 @@ def processor_classes() -> dict:
 
 def load_processor(folder: str | None, settings: dict | None):
     """The image processor of a model folder (its preprocessor_config.json), or one built from ``settings``
-    (``model.image_processor``: ``type`` plus the processor's arguments) for a model built from a config."""
+    (``model.image_processor``: ``type`` plus the processor's arguments) for a model built from a config. A key the
+    processor does not take is an error in ``settings`` (it would be ignored); in a folder's file, where other
+    transformers versions write keys of their own, it is left out."""
+    from runner import trust
+
     if settings:
         options = dict(settings)
-        kind = options.pop("type", None)
-        return processor_class(kind, "model.image_processor.type")(**options)
+        return built_processor(options.pop("type", None), options, "model.image_processor", strict=True)
     path = Path(os.path.expanduser(folder or "")) / PROCESSOR_FILE
     if not folder or not path.is_file():
         raise RunnerError(f"no {PROCESSOR_FILE} in {folder}: the model folder must hold its image processor's "
                           f"settings, or set model.image_processor (type: CLIPImageProcessor, SiglipImageProcessor or "
                           f"ViTImageProcessor, plus size, image_mean, image_std)")
-    if path.stat().st_size > CONFIG_LIMIT:
-        raise RunnerError(f"{path} is {path.stat().st_size:,} bytes: more than a processor config holds")
-    try:
-        options = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise RunnerError(f"{path} is not valid JSON: {err}") from err
+    options = trust.read_json(path, CONFIG_LIMIT)
     if not isinstance(options, dict):
         raise RunnerError(f"{path} is not a JSON object")
-    kind = options.pop("image_processor_type", None)
-    options.pop("processor_class", None)
-    allowed = set(processor_classes()[str(kind)].valid_kwargs.__annotations__) if str(kind) in processor_classes() else set()
-    return processor_class(kind, str(path))(**{k: v for k, v in options.items() if k in allowed})
+    return built_processor(options.pop("image_processor_type", None), options, str(path), strict=False)
+
+
+def built_processor(kind, options: dict, where: str, strict: bool):
+    """The processor class of ``kind`` (from the table) built with the ``options`` it takes."""
+    cls = processor_class(kind, where)
+    allowed = set(cls.valid_kwargs.__annotations__)
+    unknown = sorted(set(options) - allowed)
+    if strict and unknown:
+        raise RunnerError(f"{where}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a setting of "
+                          f"{kind}; its settings are {', '.join(sorted(allowed))}")
+    return cls(**{k: v for k, v in options.items() if k in allowed})
 
 
 def processor_for(cfg) -> object:
@@ -86,6 +91,17 @@ def processor_class(kind, where: str):
 def processor_type(processor) -> str:
     """The name preprocessor_config.json gives this processor (the class transformers loads it as)."""
     return type(processor).__name__.removesuffix("Pil")
+
+
+def save_processor(processor, folder: Path) -> None:
+    """preprocessor_config.json as transformers writes it, naming the class transformers loads (not its PIL twin)."""
+    import json
+
+    processor.save_pretrained(folder)
+    path = folder / PROCESSOR_FILE
+    saved = json.loads(path.read_text())
+    saved["image_processor_type"] = processor_type(processor)
+    path.write_text(json.dumps(saved, indent=2))
 
 
 # ---- images stored inside a dataset (datasets' Image feature: a struct of bytes and path) ---------------------

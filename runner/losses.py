@@ -395,7 +395,7 @@ class ImageTextContrastive(Loss):
         kind = self.resolved(bias)
         if self.gather:
             images, texts, text_ids = gather_rows(images), gather_rows(texts), gather_ids(text_ids)
-        logits = F.normalize(images, dim=-1) @ F.normalize(texts, dim=-1).T * log_scale.float().exp().clamp(max=self.MAX_SCALE)
+        logits = similarity_matrix(images, texts) * log_scale.float().exp().clamp(max=self.MAX_SCALE)
         ids = text_ids.to(logits.device)
         match = (ids[1][:, None] == ids[1][None, :]) | (ids[0][:, None] == ids[0][None, :])  # incl. the diagonal
         if kind == "sigmoid":

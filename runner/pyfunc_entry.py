@@ -18,7 +18,7 @@ class RunnerModel(mlflow.pyfunc.PythonModel):
         if read_meta(folder).get("kind") == "dual":  # images (base64 of the file) and/or texts
             from runner.dual_inference import DualPredictor
 
-            self.predictor = DualPredictor(folder)
+            self.predictor = DualPredictor.load(folder)
         else:
             self.predictor = Predictor(folder)
 

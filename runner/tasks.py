@@ -256,9 +256,10 @@ class ZeroShot(ImageText):
         with torch.no_grad():
             classes = model({k: v.to(accelerator.device) for k, v in self.class_texts.items()}).float().cpu()
         model.train(was_training)
-        images = torch.nn.functional.normalize(torch.from_numpy(images), dim=-1)
+        from runner.losses import similarity_matrix
+
         # cosine similarities as logits, at CLIP's scale of 100: the reported loss is then comparable across runs
-        return [(images @ torch.nn.functional.normalize(classes, dim=-1).T * 100).numpy()], labels
+        return [(similarity_matrix(torch.from_numpy(images), classes) * 100).numpy()], labels
 
     def score(self, columns, labels, split, label_names, text_ids=None, report=True):
         return Classify.score(self, columns, labels, split, label_names, text_ids, report)

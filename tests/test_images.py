@@ -559,3 +559,10 @@ def test_a_hub_split_with_images_inside_is_read_as_files(digits, tmp_path, monke
     frame = read_hub_split(DataConfig(type=DataType.image_text, hub="someone/images", train="train"), "train")
     assert list(frame.columns) == ["image", "caption"] and len(frame) == 20
     assert all(Path(p).read_bytes() == (digits["train"].parent / r[0]).read_bytes() for p, r in zip(frame["image"], rows))
+
+
+def test_an_image_processor_setting_it_does_not_take_is_an_error(digits, tmp_path, capsys):
+    """model.image_processor is the user's config: a misspelled key would be ignored, so it is refused by name."""
+    code, out = run_cli(base(tmp_path, "tiny_clip", digits["train"], "+model.image_processor.image_men=[0.5,0.5,0.5]"),
+                        capsys)
+    assert code == 1 and "model.image_processor: image_men is not a setting of CLIPImageProcessor" in out
