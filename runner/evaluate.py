@@ -30,6 +30,7 @@ class EvaluateConfig:
     output_dir: str | None = None
     batch_size: int | None = None  # default: the training run's evaluation batch size (same batches)
     precision: str = "auto"  # auto: the training run's evaluation precision (bf16 autocast if it used it), fp32, bf16
+    backend: str = "torch"  # torch: the training run's numbers; onnx | onnx-int8: the exported graphs' (runner.export)
     split: str = "test"  # the metric prefix (test/accuracy, ...)
     progress: bool = True
     tracking: bool = True
@@ -101,6 +102,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     trained = training_config(folder)
     if meta.get("kind") == "dual":
         from runner import dual_inference
+
+        if cfg.backend != "torch":
+            raise RunnerError(f"backend={cfg.backend}: a dual encoder evaluates with backend=torch")
         from runner.artifact import load_model
 
         model, tokenizer, meta = load_model(folder)
@@ -117,7 +121,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     saved = [v for v in (train.get("eval_batch_size"), 2 * train["batch_size"] if type(train.get("batch_size")) is int else None)
              if type(v) is int and v >= 1]
     batch_size = cfg.batch_size or (saved[0] if saved else 64)
-    predictor = Predictor(folder, precision=cfg.precision)
+    predictor = Predictor(folder, cfg.backend, cfg.precision)
     outputs = predictor.run(inputs, batch_size, cfg.progress, embeddings=not task.has_head)
     columns = [outputs["head"]] if task.has_head else outputs["columns"]
     metrics, report = task.score(columns, task.scale_targets(targets), cfg.split, meta.get("labels") or [],

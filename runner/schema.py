@@ -469,6 +469,9 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str | None = None  # the Hydra run folder, filled in by conf/config.yaml (None under --cfg)
     save_model: bool = True
+    # also write model/onnx (runner.export format=onnx): runner.predict, runner.serve and the logged MLflow model
+    # then take the ONNX Runtime path (backend=auto)
+    export_onnx: bool = False
     overwrite: bool = False  # replace a finished run already in output_dir (else that is an error)
 
 
@@ -526,6 +529,11 @@ def check_values(cfg: RunConfig) -> list[str]:
         problems.append(f"model.name_or_path={cfg.model.name_or_path} and model.random_init are both set (a preset "
                         f"such as model=tiny sets random_init): to train those weights add model.random_init=null; "
                         f"for a random encoder drop model.name_or_path")
+    if cfg.export_onnx and (d.type in IMAGE_TYPES or d.embedding_field):
+        problems.append("export_onnx=true exports a text encoder's graph; this run trains "
+                        + ("a dual image-text encoder (python -m runner.export model_dir=... format=onnx writes its two "
+                           "towers for other runtimes)" if d.type in IMAGE_TYPES else "a head on given embeddings")
+                        + ": drop export_onnx")
     return problems
 
 

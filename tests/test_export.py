@@ -68,7 +68,7 @@ def test_onnx_graph_matches_pytorch_for_every_task_and_pooling(tmp_path, tokeniz
                         task=settings)
     export_onnx(folder, folder / "onnx")
     columns = [texts(200, 1), texts(200, 2)] if settings["data_type"] == "pair" else [texts(200, 1)]
-    torch_side, onnx_side = Predictor(folder), Predictor(folder, "onnx")
+    torch_side, onnx_side = Predictor(folder, "torch"), Predictor(folder, "onnx")
     for batch_size in (1, 7, 32):
         want = torch_side.run(columns, batch_size, embeddings=True)
         got = onnx_side.run(columns, batch_size, embeddings=True)
@@ -89,7 +89,7 @@ def test_lora_is_merged_into_the_onnx_graph_and_a_plain_folder(tmp_path, tokeniz
     folder = save_model(tmp_path / "model", model, tokenizer, ["a", "b", "c"], None, "", 64, task=TASKS["classifier"][0])
     assert json.loads((folder / "runner_model.json").read_text())["encoder"] == "adapter"
     columns = [texts(50, 3)]
-    want = Predictor(folder).run(columns, 8, embeddings=True)
+    want = Predictor(folder, "torch").run(columns, 8, embeddings=True)
     export_onnx(folder, folder / "onnx")
     got = Predictor(folder, "onnx").run(columns, 8, embeddings=True)
     assert np.abs(want["head"] - got["head"]).max() <= 1e-4
@@ -136,3 +136,64 @@ def test_mode_merge_saves_a_plain_encoder_with_the_same_predictions(make_run, to
     again = evaluate(EvaluateConfig(model_dir=str(folder), progress=False, data={"test": toy_data["test"]}))["metrics"]
     assert again["test/accuracy"] == logged["test/accuracy"]
     assert again["test/loss"] == pytest.approx(logged["test/loss"], abs=1e-5)
+
+
+def test_backend_auto_takes_the_graph_only_when_it_was_exported_from_these_weights(tmp_path, tokenizer_dir, caplog):
+    """predict's default backend: the exported fp32 graph when it belongs to the folder's weights, else PyTorch;
+    an explicit onnx backend on a stale graph is an error. The export records what ONNX Runtime fuses, the
+    offline transformer fusion it measured, and (with a labelled file) what int8 costs."""
+    import logging
+
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from runner.errors import RunnerError
+    from runner.export import int8_check
+
+    caplog.set_level(logging.INFO, logger="runner")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    folder = save_model(tmp_path / "model", tiny_model(tokenizer, poolings.MeanPooling(), 3), tokenizer, ["a", "b", "c"],
+                        None, "", 64, task=TASKS["classifier"][0])
+    assert Predictor(folder).backend == "torch"
+    assert "no exported graph" in caplog.text
+    export_onnx(folder, folder / "onnx", quantize="int8")
+    record = json.loads((folder / "onnx" / "runner_model.json").read_text())["onnx"]
+    assert record["fusions"] and record["int8_fusions"].get("DynamicQuantizeMatMul", 0) > 0
+    assert set(record["offline_fusion"]) >= {"kept"}
+    auto = Predictor(folder)
+    assert auto.backend == "onnx" and auto.precision == "fp32"
+    columns = [texts(40, 5)]
+    want = Predictor(folder, "torch", "fp32").run(columns, 8)["head"]
+    assert np.abs(auto.run(columns, 8)["head"] - want).max() <= 1e-4
+
+    labelled = tmp_path / "labelled.csv"
+    pd.DataFrame({"text": columns[0], "label": [random.Random(i).choice("abc") for i in range(40)]}).to_csv(labelled, index=False)
+    cost = int8_check(folder, str(labelled), {})
+    assert set(cost["fp32"]) == set(cost["int8"]) and "test/accuracy" in cost["int8"]
+    caplog.clear()
+    Predictor(folder, "onnx-int8")
+    assert "int8 accuracy cost: test/accuracy" in caplog.text
+
+    # the folder's weights change after the export (trained again into the same place): the graph is stale
+    save_model(folder, tiny_model(tokenizer, poolings.MeanPooling(), 3, lora=True), tokenizer, ["a", "b", "c"], None,
+               "", 64, task=TASKS["classifier"][0])
+    caplog.clear()
+    assert Predictor(folder).backend == "torch"
+    assert "exported from other weights" in caplog.text
+    with pytest.raises(RunnerError, match="exported from other weights.*export again"):
+        Predictor(folder, "onnx")
+
+
+def test_predict_replaces_an_earlier_output_file(tmp_path, tokenizer_dir, capsys):
+    from transformers import AutoTokenizer
+
+    from runner.predict import main
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    folder = save_model(tmp_path / "model", tiny_model(tokenizer, poolings.MeanPooling(), 3), tokenizer, ["a", "b", "c"],
+                        None, "", 64, task=TASKS["classifier"][0])
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    main([f"model_dir={folder}", "text=a short text", f"output={out}"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["label"] in "abc"

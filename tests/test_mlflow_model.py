@@ -85,3 +85,31 @@ def test_mlflow_models_serve_answers_like_runner_predict(logged_model):
         server.wait(timeout=30)
     folder = Path(run.cfg.output_dir) / "model"
     assert answer == [predict(PredictConfig(model_dir=str(folder), text=t, progress=False))[0] for t in TEXTS]
+
+
+def test_export_onnx_ships_the_graph_in_the_logged_model_and_the_pyfunc_runs_it(make_run, tmp_path):
+    """export_onnx=true: model/onnx is written after saving, so the logged MLflow model carries it and its
+    pyfunc answers through ONNX Runtime (backend=auto), with what PyTorch gives in fp32."""
+    from runner.predict import Predictor
+
+    run = make_run("tracking.log_model=true", "train.epochs=1", "export_onnx=true")
+    job.execute(run)
+    folder = Path(run.cfg.output_dir) / "model"
+    assert (folder / "onnx" / "model.onnx").exists()
+    run_id = json.loads((Path(run.cfg.output_dir) / "mlflow_run.json").read_text())["run_id"]
+    mlflow.set_tracking_uri(run.cfg.tracking.uri)
+    served = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    assert served.unwrap_python_model().predictor.backend == "onnx"
+    got = served.predict(pd.DataFrame({"text": TEXTS}))
+    want = Predictor(folder, "torch", "fp32")
+    expected = want.records(want.run([TEXTS]))
+    for a, b in zip(got, expected):
+        assert a["label"] == b["label"]
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-4)
+
+
+def test_export_onnx_is_refused_for_models_it_cannot_export(make_run):
+    from runner.errors import RunnerError
+
+    with pytest.raises(RunnerError, match="export_onnx=true exports a text encoder's graph.*given embeddings"):
+        make_run("export_onnx=true", "data.embedding_field=vec")

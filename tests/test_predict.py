@@ -159,7 +159,7 @@ def test_bad_inputs_are_one_clear_message(make_run, toy_data, tmp_path, capsys):
          "no column 'text' (data.text_field)"),
         ([f"model_dir={model}", "text=a", "top_k=0"], "top_k=0 must be at least 1"),
         ([f"model_dir={model}", "text=a", "colour=red"], "Key 'colour' not in 'PredictConfig'"),
-        ([f"model_dir={model}", "text=a", "backend=tensorflow"], "backend='tensorflow': choose torch, onnx or onnx-int8"),
+        ([f"model_dir={model}", "text=a", "backend=tensorflow"], "backend='tensorflow': choose auto, torch, onnx or onnx-int8"),
         ([f"model_dir={model}", "text=a", "batch_size=0"], "batch_size=0 must be at least 1"),
         ([f"model_dir={model}", "text=a", f"output={write_csv(tmp_path / 'f.csv', [])}/pred.jsonl"],
          "output=" + str(tmp_path / "f.csv") + "/pred.jsonl: cannot write there"),

@@ -63,7 +63,7 @@ def check_onnx(model: Path, dev: Path, accuracy: float) -> None:
     export_onnx(model, model / "onnx", quantize="int8")
     texts = [pd.read_csv(dev)["text"].astype(str).tolist()[:200]]
     # the graph is fp32: compared with PyTorch in fp32 (training may have evaluated under bf16 autocast)
-    torch_side, onnx_side = Predictor(model, precision="fp32"), Predictor(model, "onnx")
+    torch_side, onnx_side = Predictor(model, "torch", "fp32"), Predictor(model, "onnx")
     for batch in (1, 7, 32):
         want, got = torch_side.run(texts, batch, embeddings=True), onnx_side.run(texts, batch, embeddings=True)
         assert np.abs(want["head"] - got["head"]).max() <= 1e-4
