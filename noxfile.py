@@ -35,7 +35,8 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_train.py", *session.posargs)
     session.run("python", "benchmarks/bench_head_only.py")
-    session.run("python", "benchmarks/bench_predict.py", "--backends", "torch,onnx")
+    session.run("python", "benchmarks/bench_predict.py", "--backends", "torch,onnx,onnx-int8")
+    session.run("python", "benchmarks/bench_serve.py")  # runner.serve vs mlflow models serve, 8 and 32 clients
     session.run("python", "benchmarks/bench_big_file.py")  # 10,000,000-row csv, peak RSS
     session.run("python", "benchmarks/bench_folder.py")  # 100,000 files, one per example, vs sklearn load_files
     session.run("python", "benchmarks/bench_images.py")  # model=lit, 10,000 image files, vs a hand-written loop

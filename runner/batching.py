@@ -305,6 +305,31 @@ class RandomBatches(LengthGroupedBatches):
         yield from (order[i : i + self.batch_size].tolist() for i in range(skip * self.batch_size, len(order), self.batch_size))
 
 
+class TokenBudgetBatches(torch.utils.data.Sampler):
+    """Inference batches, longest texts first, each holding at most ``batch_size`` texts and at most ``max_tokens``
+    padded tokens: long texts go in small batches, short ones in full ones, so that little of the work is padding
+    (a random batch of 64 SST-2 sentences is mostly padding: 3x slower than the same texts sorted)."""
+
+    def __init__(self, lengths, batch_size: int, max_tokens: int) -> None:
+        self.lengths, self.batch_size, self.max_tokens = np.asarray(lengths), batch_size, max_tokens
+        self.batches = self.plan()
+
+    def plan(self) -> list[list[int]]:
+        order = np.argsort(-self.lengths, kind="stable")
+        batches, start = [], 0
+        while start < len(order):
+            size = min(self.batch_size, max(1, self.max_tokens // max(int(self.lengths[order[start]]), 1)))
+            batches.append(order[start:start + size].tolist())
+            start += size
+        return batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches
+
+
 class ShardedBatches(torch.utils.data.Sampler):
     """This process's share of every batch of ``batches`` when ``world`` processes train one model.
 
@@ -343,7 +368,8 @@ def for_processes(loader: DataLoader, accelerator) -> DataLoader:
 
 
 def make_loader(
-    data: Encoded | FrozenSplit, tokenizer, batch_size: int, train: bool, seed: int = 0, group_by_length: bool = True, workers: int = 0
+    data: Encoded | FrozenSplit, tokenizer, batch_size: int, train: bool, seed: int = 0, group_by_length: bool = True, workers: int = 0,
+    max_tokens: int | None = None,
 ) -> DataLoader:
     """A loader over ``data``; its batch sampler is ``loader.batch_sampler`` (positioned by the loop).
 
@@ -351,7 +377,8 @@ def make_loader(
     the global generator that would shift every dropout mask after a resumed pass.
     """
     sampler_cls = LengthGroupedBatches if (group_by_length or not train) else RandomBatches
-    sampler = sampler_cls(data.lengths, batch_size, shuffle=train, seed=seed)
+    sampler = (TokenBudgetBatches(data.lengths, batch_size, max_tokens) if max_tokens and not train else
+               sampler_cls(data.lengths, batch_size, shuffle=train, seed=seed))
     return DataLoader(data, batch_sampler=sampler, collate_fn=data.collator(tokenizer), num_workers=workers,
                       generator=torch.Generator().manual_seed(seed))
 

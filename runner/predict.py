@@ -85,15 +85,18 @@ def check_writable(path: str | Path, kind: str, key: str) -> None:
 
 
 def resolve_model_dir(model_dir: str, tracking_uri: str | None) -> Path:
-    """A folder, or ``runs:/<id>``: the run's own model folder when it is on this machine, else its artifact."""
-    if not model_dir.startswith("runs:/"):
+    """A folder, ``runs:/<id>`` or ``models:/<registered name>/<version or latest>``: the run's own model folder
+    when it is on this machine, else its artifact."""
+    if not model_dir.startswith(("runs:/", "models:/")):
         return Path(model_dir)
     import mlflow
 
     from runner.tracking import default_uri
 
-    run_id = model_dir[len("runs:/") :].strip("/").split("/")[0]
     uri = tracking_uri or default_uri()
+    if model_dir.startswith("models:/"):
+        return resolve_model_dir(f"runs:/{registered_run(model_dir, uri)}", uri)
+    run_id = model_dir[len("runs:/") :].strip("/").split("/")[0]
     try:
         run = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id)
     except Exception as err:
@@ -103,6 +106,25 @@ def resolve_model_dir(model_dir: str, tracking_uri: str | None) -> Path:
         return local
     # elsewhere: the runner folder inside the run's pyfunc model (runner/mlflow_model.py)
     return Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model/artifacts/runner_model", tracking_uri=uri))
+
+
+def registered_run(model_dir: str, uri: str) -> str:
+    """The run id behind ``models:/<name>/<version>`` (``latest``: the highest version)."""
+    import mlflow
+
+    parts = model_dir[len("models:/"):].strip("/").split("/")
+    if len(parts) != 2 or not parts[0] or not parts[1]:
+        raise RunnerError(f"model_dir={model_dir}: write models:/<registered name>/<version or latest>")
+    name, version = parts
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    try:
+        versions = client.search_model_versions(f"name='{name}'") if version == "latest" else \
+            [client.get_model_version(name, version)]
+    except Exception as err:  # noqa: BLE001  (MlflowException, or a bad version string)
+        raise RunnerError(f"model_dir={model_dir}: no such registered model version in {uri} ({str(err)[:120]})") from err
+    if not versions:
+        raise RunnerError(f"model_dir={model_dir}: no registered model {name!r} in {uri} (tracking.register=NAME registers one)")
+    return max(versions, key=lambda v: int(v.version)).run_id
 
 
 def read_inputs(folder: Path, meta: dict, cfg: PredictConfig) -> tuple[list[list[str]] | np.ndarray, dict | None]:
@@ -229,7 +251,8 @@ class Predictor:
         return self.meta["head"] is not None
 
     @torch.inference_mode()
-    def run(self, inputs, batch_size: int = 64, progress: bool = False, embeddings: bool = False) -> dict:
+    def run(self, inputs, batch_size: int = 64, progress: bool = False, embeddings: bool = False,
+            max_tokens: int | None = None) -> dict:
         """``head``: head outputs (rows, outputs) of a head model; ``columns``: the pooled vector of every text
         column (embedding models, or with ``embeddings``); all in input order; ``text_ids``: equal for equal
         texts (the ids training's evaluation uses), None for vectors."""
@@ -243,7 +266,7 @@ class Predictor:
                     "text_ids": None}
         data = batching.Encoded(self.tokenizer, inputs, None, self.meta["max_length"], self.meta.get("text_prefix", ""),
                                 joint=bool(self.meta.get("joint")))
-        loader = batching.make_loader(data, self.tokenizer, batch_size, train=False)
+        loader = batching.make_loader(data, self.tokenizer, batch_size, train=False, max_tokens=max_tokens)
         want_columns = embeddings or not self.has_head
         head, columns, index = [], [[] for _ in data.input_ids], []
         for batch in tqdm(loader, disable=not progress, unit="batch", desc="predict"):
