@@ -4,6 +4,7 @@ a fresh virtualenv per session would re-download torch, and a loose torch spec p
     nox -s tests    the default suite (what CI runs), < 10 minutes on 2 cores
     nox -s slow     real models and data (../shared/data), sweeps: the issues' acceptance figures
     nox -s lint     ruff
+    nox -s image    the container image, built with Podman and checked (docker/check_image.py; needs root on Debian)
     nox -s bench    side by side, each contender its own process: fine-tuning against the Hugging Face Trainer,
                     head_only k-fold and runner.predict against SentenceTransformer.encode, peak RSS of a
                     1M-row file, 1 vs 2 CPU processes; writes benchmarks/results.json and the README's
@@ -29,6 +30,13 @@ def slow(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.run("ruff", "check", "runner", "tests", "noxfile.py", "benchmarks")
+
+
+@nox.session
+def image(session: nox.Session) -> None:
+    """The container image built as users build it (Podman, a minimal Debian base, a wheel folder, no network)
+    and checked: size, CLI, user, contents, jobs inside, SIGTERM and resume, the compose file (docker/check_image.py)."""
+    session.run("python", "docker/check_image.py", *session.posargs)
 
 
 @nox.session

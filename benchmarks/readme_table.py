@@ -52,6 +52,31 @@ def predict_table(section: dict) -> list[str]:
         if name.startswith("runner.predict"):
             rows.append(f"| `{name}` | {r['seconds']} | {r['sentences_per_s']} | {r['speedup_vs_sentence_transformers']:.2f}x | "
                         f"{r['peak_rss_mb']:,} MB | {r['min_cosine_to_sentence_transformers']:.6f} |")
+    if "sst2_dev_accuracy" in section:
+        acc, fusion = section["sst2_dev_accuracy"], section["onnx_fusions"]["offline"]
+        rows += ["", f"SST-2 dev accuracy of the classifier: {acc['onnx fp32']:.4f} with the fp32 graph, "
+                     f"{acc['onnx int8']:.4f} with int8 (measured by `runner.export ... quantize=int8 check=dev.csv`). "
+                     f"ONNX Runtime fuses {', '.join(f'{k} x{v}' for k, v in section['onnx_fusions']['session'].items())} "
+                     f"at session start; its offline transformer fusion (Attention, SkipLayerNormalization, ...) was "
+                     + ("kept" if fusion.get("kept") else f"measured slower here ({fusion.get('ms_per_batch')} ms a batch) and not kept") + "."]
+    return rows
+
+
+def serve_table(section: dict) -> list[str]:
+    ours, theirs = section["runner.serve"], section["mlflow models serve"]
+    rows = [f"Served under load, loopback, one server at a time ({section['machine']}; {section['model']}): "
+            f"`runner.serve` ({ours['backend']}) vs `mlflow models serve` defaults ({theirs['backend']}).", "",
+            "| scenario | runner.serve req/s | p50 / p99 ms | mlflow req/s | p50 / p99 ms | throughput | errors (ours / mlflow) |",
+            "|---|---|---|---|---|---|---|"]
+    for key in [k for k in ours if "clients" in k]:
+        a, b = ours[key], theirs[key]
+        rows.append(f"| {key} | {a['requests_per_s']} | {a['p50_ms']} / {a['p99_ms']} | {b['requests_per_s']} | "
+                    f"{b['p50_ms']} / {b['p99_ms']} | {a['throughput_vs_mlflow']:.2f}x | {a['errors']} / {b['errors']} |")
+    rows += ["", f"Peak RSS: {ours['peak_rss_mb']:,} MB (runner.serve) vs {theirs['peak_rss_mb']:,} MB (mlflow, all its "
+                 f"processes); start {ours['start_seconds']} s (including the ONNX export) vs {theirs['start_seconds']} s; "
+                 f"labels agree on {section['label_agreement']:.1%} of 500 sentences. Malformed requests (status codes, "
+                 f"runner.serve / mlflow): " + ", ".join(f"{k} {ours['malformed'][k]} / {theirs['malformed'][k]}"
+                                                         for k in ours["malformed"] if k != "still answering") + "."]
     return rows
 
 
@@ -119,7 +144,7 @@ def images_table(section: dict) -> list[str]:
 
 
 TABLES = {"train_fp32": train_table, "train_bf16": train_table, "head_only": head_only_table, "predict": predict_table,
-          "big_file": big_file_table, "folder": folder_table, "search": search_table, "images": images_table}
+          "serve": serve_table, "big_file": big_file_table, "folder": folder_table, "search": search_table, "images": images_table}
 
 
 def main() -> None:
