@@ -91,10 +91,6 @@ def save_trained(run: Run, model: TextModel | VectorModel, tokenizer, label_name
                            base_revision=cfg.model.revision)
     write_card(saved, run, metrics or {})
     log.info("model saved to %s", folder)
-    if cfg.export_onnx:
-        from runner.export import export_onnx
-
-        export_onnx(saved, saved / "onnx")
     return saved
 
 

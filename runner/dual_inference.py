@@ -169,8 +169,8 @@ class DualPredictor:
 
     def run(self, images: list | None, texts: list[str] | None, classes: list | None = None, prompt: str | None = None,
             embeddings: bool = False, batch_size: int = 64) -> list[dict]:
+        from runner.errors import check_finite_outputs
         from runner.losses import ImageTextContrastive, similarity_matrix
-        from runner.predict import check_finite
 
         probe = self.model.head is not None  # a linear probe: its own classes, from its head
         if probe and (classes or prompt):
@@ -181,7 +181,7 @@ class DualPredictor:
         rows: list[dict] = [{} for _ in range(len(images if images is not None else texts or []))]
         if images is not None:
             vectors = self.embed_images(images, batch_size)
-            check_finite([vectors.float()])
+            check_finite_outputs([vectors.float()])
             if embeddings or not names:
                 for row, vector in zip(rows, vectors):
                     row["image_embedding"] = [round(float(x), 6) for x in vector]
@@ -195,13 +195,13 @@ class DualPredictor:
                 scale = float(self.model.logit_scale.float().exp().clamp(max=ImageTextContrastive.MAX_SCALE))
                 logits = similarity_matrix(vectors, prompts) * scale
             if names:
-                check_finite([logits.float()])
+                check_finite_outputs([logits.float()])
                 for row, p in zip(rows, logits.softmax(-1)):
                     row["label"] = names[int(p.argmax())]
                     row["probabilities"] = {str(n): round(float(x), 6) for n, x in zip(names, p)}
         if texts is not None:
             text_vectors = self.embed_texts(texts, batch_size)
-            check_finite([text_vectors.float()])
+            check_finite_outputs([text_vectors.float()])
             for row, vector in zip(rows, text_vectors):
                 row["text_embedding"] = [round(float(x), 6) for x in vector]
         return rows

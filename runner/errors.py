@@ -27,3 +27,13 @@ class TrialPruned(Exception):  # noqa: N818  (Optuna's own name for the outcome)
     def __init__(self, step: int, value: float, unit: str) -> None:
         super().__init__(f"pruned after {unit} {step} (reported {value:.4f}): this trial cannot beat the others")
         self.step, self.value, self.unit = step, value, unit
+
+
+def check_finite_outputs(arrays) -> None:
+    """Bare NaN is not JSON (and a JSON writer may turn it into null): a model output that is not finite is an
+    error, never a line other tools cannot read or a silent null (predict, serve, the MLflow model)."""
+    import numpy as np
+
+    if not all(bool(np.isfinite(np.asarray(a)).all()) for a in arrays):
+        raise RunnerError("the model gave a non-finite output (NaN or inf) for some input: check the model and "
+                          "the input")

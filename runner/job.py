@@ -179,6 +179,10 @@ def train_and_report(run: Run, data: Dataset, tokenizer, accelerator, tracker: T
     tracker.log_metrics(summary["costs"], summary.get("steps", 0))  # at the last step: W&B steps only go forward
     if accelerator.is_main_process:
         in_sweep = "sweep_id" in run.tags  # auto: a sweep logs its best trial's model as it ends (runner/sweep.py)
+        if cfg.export_onnx and (out / "model" / "runner_model.json").exists():  # before logging: the MLflow model carries it
+            from runner.export import export_onnx
+
+            export_onnx(out / "model", out / "model" / "onnx")
         wanted = cfg.tracking.log_model is True or (cfg.tracking.log_model == "auto" and not in_sweep)
         if cfg.save_model and wanted and (out / "model" / "runner_model.json").exists():
             if tracker.run_id:

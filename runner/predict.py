@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from runner.errors import RunnerError
+from runner.errors import RunnerError, check_finite_outputs
 
 log = logging.getLogger("runner")
 
@@ -296,7 +296,7 @@ class Predictor:
     def records(self, outputs: dict, top_k: int | None = None) -> list[dict[str, Any]]:
         """One JSON-ready dict per row."""
         meta, head, columns = self.meta, outputs["head"], outputs["columns"]
-        check_finite([a for a in (head, *columns) if a is not None])
+        check_finite_outputs([a for a in (head, *columns) if a is not None])
         rows: list[dict[str, Any]] = [{} for _ in range(len(head) if head is not None else len(columns[0]))]
         task, labels = meta.get("task"), meta.get("labels") or []
         if task == "MultiLabel":
@@ -360,14 +360,6 @@ def predict(cfg: PredictConfig) -> list[dict[str, Any]]:
     for column, values in (origins or {}).items():  # which file (folder) or line (lines file) a row is for
         rows = [{column: value, **row} for value, row in zip(values, rows)]
     return rows
-
-
-def check_finite(arrays) -> None:
-    """Bare NaN is not JSON (and a JSON writer may turn it into null): a non-finite output is an error, never a
-    line other tools cannot read or a silent null."""
-    if not all(bool(np.isfinite(np.asarray(a)).all()) for a in arrays):
-        raise RunnerError("the model gave a non-finite output (NaN or inf) for some input: check the model and "
-                          "the input")
 
 
 def write_jsonl(rows: list[dict], output: str | None) -> None:
