@@ -148,20 +148,24 @@ def jobs(work: Path) -> dict:
     return {"val_accuracy_container": inside, "val_accuracy_host": host, "sigterm_exit": code}
 
 
+def wait_for(url: str, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"{what} did not come up within {seconds:.0f} s"
+            time.sleep(2)
+
+
 def compose() -> dict:
     env = {"RUNNER_IMAGE": IMAGE}
     up = ["podman-compose", "-f", "docker/compose.yaml", "-p", PROJECT]
     sh(*up, "down", "-v", check=False, env=env)  # a clean project: the train job refuses a finished run folder
     try:
         sh(*up, "up", "-d", "mlflow", env=env)
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen("http://127.0.0.1:5000/health", timeout=5)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the tracking server did not come up"
-                time.sleep(2)
+        wait_for("http://127.0.0.1:5000/health", 180, "the tracking server")
         sh(*up, "run", "--rm", "train", env=env, timeout=1200)
         sh(*up, "up", "-d", "--scale", "sweep=2", "sweep", env=env)
         names = podman("ps", "-a", "--filter", f"label=com.docker.compose.project={PROJECT}", "--filter",
@@ -173,14 +177,7 @@ def compose() -> dict:
         codes = [int(line.split()[-1]) for line in workers.stdout.strip().splitlines()]
         assert len(codes) == 2 and codes == [0, 0], workers.stdout
         sh(*up, "up", "-d", "serve", env=env)
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                urllib.request.urlopen("http://127.0.0.1:8080/ping", timeout=5)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the serve service did not come up"
-                time.sleep(2)
+        wait_for("http://127.0.0.1:8080/ping", 300, "the serve service")
         request = urllib.request.Request("http://127.0.0.1:8080/invocations", method="POST",
                                          data=json.dumps({"inputs": ["a gripping, beautiful film"]}).encode(),
                                          headers={"Content-Type": "application/json"})
