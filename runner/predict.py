@@ -167,38 +167,41 @@ def read_inputs(folder: Path, meta: dict, cfg: PredictConfig) -> tuple[list[list
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 
 
-def choose_backend(folder: Path, backend: str) -> tuple[str, str]:
-    """The backend to run and why (logged): ``auto`` is the exported fp32 graph when the folder holds one made
-    from these very weights and onnxruntime is installed, else PyTorch. An explicit onnx backend whose graph
-    was exported from other weights is an error (its outputs would belong to another model)."""
+def choose_backend(folder: Path, backend: str) -> tuple[str, str, dict | None]:
+    """The backend to run, why (logged), and the graph's export record (onnx/runner_model.json's ``onnx``) when it
+    is a graph: ``auto`` is the exported fp32 graph when the folder holds one made from these very weights and
+    onnxruntime is installed, else PyTorch. An explicit onnx backend whose graph was exported from other weights
+    is an error (its outputs would belong to another model)."""
     from runner import trust
     from runner.onnx_model import source_digest
 
     if backend not in BACKENDS:
         raise RunnerError(f"backend={backend!r}: choose auto, torch, onnx or onnx-int8 (after runner.export)")
     if backend == "torch":
-        return "torch", "asked for"
+        return "torch", "asked for", None
     graph = folder / "onnx" / ("model.int8.onnx" if backend == "onnx-int8" else "model.onnx")
     if not graph.exists():
         if backend == "auto":
             return "torch", (f"no exported graph (python -m runner.export model_dir={folder} format=onnx, or train with "
-                             f"export_onnx=true, gives the faster ONNX Runtime path)")
+                             f"export_onnx=true, gives the faster ONNX Runtime path)"), None
         raise RunnerError(f"{graph} does not exist: run python -m runner.export model_dir={folder} format=onnx"
                           f"{' quantize=int8' if backend == 'onnx-int8' else ''} first")
     try:
         import onnxruntime  # noqa: F401
     except ImportError as err:
         if backend == "auto":
-            return "torch", "onnxruntime is not installed (pip install onnxruntime for the faster path)"
+            return "torch", "onnxruntime is not installed (pip install onnxruntime for the faster path)", None
         raise RunnerError(f"backend={backend} needs onnxruntime: pip install onnxruntime") from err
-    recorded = (trust.read_json(folder / "onnx" / "runner_model.json").get("onnx") or {}).get("source")
+    record = trust.read_json(folder / "onnx" / "runner_model.json").get("onnx")
+    record = record if isinstance(record, dict) else {}
+    recorded = record.get("source") if isinstance(record.get("source"), str) else None
     if recorded != source_digest(folder):
         why = ("was exported from other weights than this folder's" if recorded else "records no digest of the weights "
                "it was exported from (an older export)")
         if backend == "auto":
-            return "torch", f"{graph} {why}: export again for the faster path"
+            return "torch", f"{graph} {why}: export again for the faster path", None
         raise RunnerError(f"{graph} {why}: export again with python -m runner.export model_dir={folder} format=onnx")
-    return ("onnx" if backend == "auto" else backend), f"{graph.name} exported from these weights"
+    return ("onnx" if backend == "auto" else backend), f"{graph.name} exported from these weights", record
 
 
 class Predictor:
@@ -213,7 +216,7 @@ class Predictor:
         if precision not in ("auto", "fp32", "bf16"):
             raise RunnerError(f"precision={precision!r}: choose auto (the training run's), fp32 or bf16")
         asked = backend
-        backend, why = choose_backend(folder, backend)
+        backend, why, record = choose_backend(folder, backend)
         if backend.startswith("onnx") and precision == "bf16":
             raise RunnerError("precision=bf16 runs on backend=torch; the ONNX graphs are fp32 (or int8)")
         self.folder, self.backend, self.onnx = folder, backend, None
@@ -221,11 +224,12 @@ class Predictor:
         if backend.startswith("onnx"):  # the exported graph and its tokenizer: no PyTorch model is built
             from transformers import AutoTokenizer
 
-            from runner import trust
+            from runner.artifact import read_meta
             from runner.onnx_model import OnnxModel
 
             self.onnx = OnnxModel(folder, "model.int8.onnx" if backend == "onnx-int8" else "model.onnx", threads)
-            self.meta = trust.check_meta(trust.read_json(folder / "onnx" / "runner_model.json"), folder)
+            # the folder's own metadata (the digest binds the graph to it), with the graph's export record
+            self.meta = {**read_meta(folder), "onnx": record}
             self.tokenizer = AutoTokenizer.from_pretrained(folder / "onnx", trust_remote_code=False)
             self.model = None
         else:
@@ -327,8 +331,16 @@ class Predictor:
         return rows
 
 
-def cost_line(cost: dict) -> str:
-    """What int8 quantization costs, as export measured it on a labelled file."""
+def cost_line(cost) -> str:
+    """What int8 quantization costs, as export measured it on a labelled file (read from a folder a user may have
+    been handed: anything but the numbers export writes is refused)."""
+    def numbers(part) -> bool:
+        return isinstance(part, dict) and all(isinstance(k, str) and type(v) in (int, float) for k, v in part.items())
+
+    if not (isinstance(cost, dict) and isinstance(cost.get("file"), str) and numbers(cost.get("fp32"))
+            and numbers(cost.get("int8")) and set(cost["fp32"]) == set(cost["int8"]) and cost["fp32"]):
+        raise RunnerError("onnx/runner_model.json: its int8_check is not what runner.export writes: export again with "
+                          "python -m runner.export ... format=onnx quantize=int8 check=FILE")
     headline = [k for k in cost["fp32"] if k.rsplit("/", 1)[-1] in ("accuracy", "f1_macro", "spearman", "mean_recall")]
     return ", ".join(f"{k} {cost['fp32'][k]:.4f} (fp32) -> {cost['int8'][k]:.4f} (int8)"
                      for k in headline or list(cost["fp32"])[:2]) + f" on {cost['file']}"

@@ -195,7 +195,7 @@ def ensure_graph(folder: Path, cfg: ServeConfig) -> None:
 
     if cfg.backend != "auto" or not cfg.export:
         return
-    chosen, why = choose_backend(folder, "auto")
+    chosen, why, _ = choose_backend(folder, "auto")
     if chosen != "torch" or "onnxruntime is not installed" in why:
         return
     if not os.access(folder, os.W_OK):

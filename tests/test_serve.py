@@ -7,11 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from runner.artifact import save_model
 from runner.predict import Predictor
 from runner.serve import ServeConfig, make_app
 from tests.test_export import TASKS, texts, tiny_model
+from tests.test_mlflow_model import free_port, wait_for
 
 
 def saved(tmp_path, tokenizer_dir, task: str = "classifier") -> Path:
@@ -108,12 +107,6 @@ def test_malformed_requests_are_4xx_with_a_message_and_the_server_keeps_answerin
     assert c.post("/invocations", json={"inputs": ["still here"]}).status_code == 200
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_server_exports_its_graph_at_start_answers_over_http_and_stops_on_sigterm(tmp_path, tokenizer_dir):
     folder = saved(tmp_path, tokenizer_dir)
     port = free_port()
@@ -121,14 +114,7 @@ def test_the_server_exports_its_graph_at_start_answers_over_http_and_stops_on_si
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
-                time.sleep(0.3)
+        wait_for(f"http://127.0.0.1:{port}/ping", 120)
         assert (folder / "onnx" / "model.onnx").exists()  # backend=auto exported the graph from these weights
         about = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/metadata").read())
         assert about["backend"] == "onnx" and about["precision"] == "fp32"
