@@ -284,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         quiet_libraries()
         if cfg.check and (cfg.format != "onnx" or cfg.quantize != "int8"):
             raise RunnerError("check=FILE measures what int8 costs: it goes with format=onnx quantize=int8")
+        if cfg.data and not cfg.check:
+            raise RunnerError("data.* are the reading options of check=FILE: give check=FILE or drop them")
         if cfg.check and cfg.output and Path(cfg.output).resolve() != (folder / "onnx").resolve():
             raise RunnerError("check=FILE evaluates the graphs in the model's own onnx/ folder: leave output unset")
         if cfg.format == "onnx":

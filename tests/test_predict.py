@@ -170,7 +170,15 @@ def test_bad_inputs_are_one_clear_message(make_run, toy_data, tmp_path, capsys):
         assert code == 1 and message in err and "Traceback" not in err, (args, err)
     for main, args, message in (
             (evaluate_main, [f"data.test={toy_data['test']}", f"output_dir={tmp_path / 'f.csv'}/eval"], "cannot write there"),
-            (export_main, [f"output={tmp_path / 'f.csv'}/onnx"], "cannot write there")):
+            (export_main, [f"output={tmp_path / 'f.csv'}/onnx"], "cannot write there"),
+            (export_main, [f"check={toy_data['test']}"], "check=FILE measures what int8 costs"),
+            (export_main, ["quantize=int8", f"check={toy_data['test']}", f"output={tmp_path / 'elsewhere'}"],
+             "leave output unset"),
+            (export_main, ["data.text_field=x"], "data.* are the reading options of check=FILE"),
+            (predict_main, ["text=a", "backend=onnx"], "does not exist: run python -m runner.export"),
+            (predict_main, ["text=a", "backend=torch", "precision=fp16"], "precision='fp16': choose auto"),
+            (evaluate_main, [f"data.test={toy_data['test']}", "backend=onnx-int8"], "quantize=int8 first"),
+            (predict_main, ["model_dir=models:/nothing", "text=a"], "write models:/<registered name>/<version or latest>")):
         code, _, err = run_tool(main, [f"model_dir={model}", *args], capsys)
         assert code == 1 and message in err and "Traceback" not in err, err
     meta = json.loads((model / "runner_model.json").read_text())
