@@ -40,6 +40,7 @@ NOT_HERE = {  # a documented command this machine cannot run -> why, and what co
     "mlflow server": "a long-running server (tests/test_tracking_server.py)",
     "mlflow ui": "a long-running server (tests/test_mlflow_ui.py)",
     "mlflow models serve": "a long-running server (tests/test_mlflow_model.py)",
+    "python -m runner.serve": "a long-running server (tests/test_serve.py starts one over HTTP)",
     "pip install": "the install itself (.ci/run)",
     "python -m pytest": "the test suite itself",
     "model.name_or_path=/path/to/": "a placeholder for the user's own model folder",
